@@ -1,0 +1,111 @@
+"""Model and LoRA configuration: frozen dataclasses that check themselves."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+# Module names of the reference design, used both in the model and as `--targets` values.
+TARGETS = (
+    "token_embedding",
+    "position_embedding",
+    "qkv_projection",
+    "output_projection",
+    "linear_in",
+    "linear_out",
+    "lm_head",
+)
+TARGET_GROUPS = {
+    "attn": ("qkv_projection", "output_projection"),
+    "ffn": ("linear_in", "linear_out"),
+    "embeddings": ("token_embedding", "position_embedding"),
+    "all": TARGETS,
+}
+
+
+def resolve_targets(names: Iterable[str] | str) -> tuple[str, ...]:
+    """Expand module and group names into module names, in model order.
+
+    Accepts an iterable or a comma-separated string: "attn,lm_head".
+    """
+    if isinstance(names, str):
+        names = [n for n in (part.strip() for part in names.split(",")) if n]
+    chosen: set[str] = set()
+    for name in names:
+        if name in TARGET_GROUPS:
+            chosen.update(TARGET_GROUPS[name])
+        elif name in TARGETS:
+            chosen.add(name)
+        else:
+            valid = ", ".join(TARGETS + tuple(TARGET_GROUPS))
+            raise ValueError(f"unknown LoRA target {name!r}; valid targets: {valid}")
+    return tuple(t for t in TARGETS if t in chosen)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 hyperparameters, read from a checkpoint's config.json."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    activation: str = "gelu_new"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not (self.layer_norm_epsilon > 0 and math.isfinite(self.layer_norm_epsilon)):
+            raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
+
+
+# HF activation_function name -> torch GELU approximation. GPT-2 uses the tanh form.
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Which modules get a LoRA update, and its rank, alpha and dropout."""
+
+    targets: tuple[str, ...] = ("qkv_projection",)
+    r: int = 8
+    alpha: float | None = None  # None means alpha = r, i.e. scaling 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", resolve_targets(self.targets))
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"rank r must be >= 1, got {self.r!r}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return (self.r if self.alpha is None else self.alpha) / self.r

@@ -1,0 +1,176 @@
+"""GPT-2 written from LoRA layers (lora.py) and LayerNorm.
+
+Module names are the reference design's LoRA target names; weights.py maps them to
+Hugging Face's checkpoint keys. The frozen weights may be stored in float32, bfloat16
+or float16; LoRA parameters stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import lora
+from .config import ACTIVATIONS, LoRAConfig, ModelConfig
+
+
+def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig) -> nn.Module:
+    if name in cfg.targets:
+        return lora.Linear(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    return lora.FrozenLinear(n_in, n_out, bias)
+
+
+def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
+    if name in cfg.targets:
+        return lora.Embedding(num, dim, r=cfg.r, alpha=cfg.alpha)
+    return lora.FrozenEmbedding(num, dim)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for positions [0, length): (B, nh, T_max, hs) each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (batch, config.n_head, config.n_positions, config.head_size)
+        make = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        return cls([make() for _ in range(config.n_layer)], [make() for _ in range(config.n_layer)])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        d = config.n_embd
+        self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg)
+        self.output_projection = _linear("output_projection", d, d, True, lora_cfg)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.qkv_projection(x)  # (B, T, 3C)
+        q, k, v = qkv.split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]  # (B, nh, start+T, hs)
+            v = cache.values[layer][:, :, : start + T]
+            if T == 1:  # one new token attends to everything cached: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # new query i sits at position start + i and sees keys j <= start + i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.output_projection(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+        super().__init__()
+        d, f = config.n_embd, config.ffn_size
+        self.linear_in = _linear("linear_in", d, f, True, lora_cfg)
+        self.linear_out = _linear("linear_out", f, d, True, lora_cfg)
+        self.approximate = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(F.gelu(self.linear_in(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, lora_cfg)
+        self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ffn = FeedForward(config, lora_cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.attn_norm(x), cache, layer)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: ModelConfig, lora_config: LoRAConfig | None = None) -> None:
+        super().__init__()
+        lora_cfg = lora_config if lora_config is not None else LoRAConfig(targets=())
+        self.config = config
+        self.lora_config = lora_cfg
+        self.token_embedding = _embedding("token_embedding", config.vocab_size, config.n_embd, lora_cfg)
+        self.position_embedding = _embedding(
+            "position_embedding", config.n_positions, config.n_embd, lora_cfg
+        )
+        self.blocks = nn.ModuleList(Block(config, lora_cfg) for _ in range(config.n_layer))
+        self.final_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = _linear("lm_head", config.n_embd, config.vocab_size, False, lora_cfg)
+        self.tie_weights()
+        lora.mark_only_lora_trainable(self)
+
+    def tie_weights(self) -> None:
+        """GPT-2 ties lm_head to the token embedding: one tensor, not a copy."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.token_embedding.weight
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, C) for token ids idx (B, T)."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context "
+                f"of {self.config.n_positions}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T)."""
+        return self.lm_head(self.hidden_states(idx, cache))
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, lora.LORA_LAYERS)}
+
+    def merge(self) -> None:
+        """Fold every LoRA update into its frozen weight (explicit; idempotent).
+
+        When the tied pair token_embedding / lm_head carries an update, lm_head gets its own
+        copy of the weight first: folding both updates into one shared tensor would be wrong.
+        """
+        if self.tied and any(
+            isinstance(m, lora.LORA_LAYERS) for m in (self.token_embedding, self.lm_head)
+        ):
+            self.lm_head.weight = nn.Parameter(
+                self.token_embedding.weight.detach().clone(), requires_grad=False
+            )
+        for layer in self.lora_layers().values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.unmerge()
+
+    def frozen_dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype

@@ -1,0 +1,262 @@
+"""Hugging Face GPT-2 checkpoints in and out, written as a key map.
+
+HF keys may carry the `transformer.` prefix (transformers' own saves) or not (the
+original `gpt2` upload); both are read. Tensors go from the file straight into the
+model's preallocated parameters, one at a time, so no second full copy is ever held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ACTIVATIONS, LoRAConfig, ModelConfig
+from .errors import CheckpointError
+from .hub import resolve_checkpoint
+from .lora import lora_parameters
+from .model import GPT2
+
+# Our parameter name -> HF key (without the "transformer." prefix).
+GLOBAL_KEYS = {
+    "token_embedding.weight": "wte.weight",
+    "position_embedding.weight": "wpe.weight",
+    "final_norm.weight": "ln_f.weight",
+    "final_norm.bias": "ln_f.bias",
+}
+BLOCK_KEYS = {
+    "attn_norm.weight": "ln_1.weight",
+    "attn_norm.bias": "ln_1.bias",
+    "attn.qkv_projection.weight": "attn.c_attn.weight",
+    "attn.qkv_projection.bias": "attn.c_attn.bias",
+    "attn.output_projection.weight": "attn.c_proj.weight",
+    "attn.output_projection.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight",
+    "ffn_norm.bias": "ln_2.bias",
+    "ffn.linear_in.weight": "mlp.c_fc.weight",
+    "ffn.linear_in.bias": "mlp.c_fc.bias",
+    "ffn.linear_out.weight": "mlp.c_proj.weight",
+    "ffn.linear_out.bias": "mlp.c_proj.bias",
+}
+# HF Conv1D stores (in, out); our Linear wants (out, in).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers that older checkpoints saved next to the weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+LM_HEAD = "lm_head.weight"
+
+# config.json field -> ModelConfig field.
+CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "n_positions",
+    "n_embd": "n_embd",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_inner": "n_inner",
+    "layer_norm_epsilon": "layer_norm_epsilon",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "activation_function": "activation",
+}
+# Variants of GPT-2 that change the arithmetic; refuse them rather than compute wrongly.
+UNSUPPORTED_FLAGS = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "scale_attn_weights": True,
+    "add_cross_attention": False,
+}
+
+
+def hf_key_map(n_layer: int) -> dict[str, str]:
+    """Every frozen tensor of our model -> its HF key (prefix-free); lm_head excluded."""
+    keys = dict(GLOBAL_KEYS)
+    for i in range(n_layer):
+        for ours, theirs in BLOCK_KEYS.items():
+            keys[f"blocks.{i}.{ours}"] = f"h.{i}.{theirs}"
+    return keys
+
+
+def is_transposed(hf_key: str) -> bool:
+    return hf_key.endswith(TRANSPOSED)
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it a GPT-2 checkpoint directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "gpt2":
+        found = raw.get("model_type") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{path} is not a GPT-2 config (model_type {found!r}, expected 'gpt2')")
+    for flag, expected in UNSUPPORTED_FLAGS.items():
+        if raw.get(flag, expected) != expected:
+            raise CheckpointError(f"{path}: {flag}={raw[flag]!r} is not supported")
+    if raw.get("activation_function", "gelu_new") not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{path}: activation_function {raw['activation_function']!r} is not supported"
+        )
+    fields = {ours: raw[theirs] for theirs, ours in CONFIG_FIELDS.items() if theirs in raw}
+    try:
+        return ModelConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index") from None
+        return [directory / shard for shard in shards]
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        return [legacy]
+    raise CheckpointError(
+        f"{directory} has no weights (looked for model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin)"
+    )
+
+
+def read_tensors(directory: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
+    """(HF key without prefix, loader, shape) for every tensor, loading lazily."""
+    for path in _weight_files(directory):
+        if not path.is_file():
+            raise CheckpointError(f"weight shard {path} is missing")
+        if path.suffix == ".bin":
+            yield from _read_bin(path)
+        else:
+            yield from _read_safetensors(path)
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("transformer.")
+
+
+def _read_safetensors(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    with handle as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+
+            def load(key=key) -> torch.Tensor:
+                try:
+                    return f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as exc:
+                    raise CheckpointError(f"{path}: tensor {key!r} is unreadable ({exc})") from None
+
+            yield _strip(key), load, shape
+
+
+def _read_bin(path: Path):
+    try:  # weights_only: a pickle must never run code
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+        raise CheckpointError(f"{path} is not a loadable PyTorch weights file ({exc})") from None
+    for key, tensor in state.items():
+        yield _strip(key), (lambda t=tensor: t), tuple(tensor.shape)
+
+
+def _fingerprint_piece(key: str, tensor: torch.Tensor) -> bytes:
+    """Key, shape, dtype and a strided sample of values: cheap, yet tells bases apart."""
+    flat = tensor.reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].contiguous().view(torch.uint8) if flat.numel() else flat
+    return f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode() + sample.numpy().tobytes()
+
+
+def _fingerprint(pieces: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(pieces):  # file order and sharding do not matter
+        digest.update(pieces[key])
+    return digest.hexdigest()[:16]
+
+
+def load_into(model: GPT2, directory: Path) -> str:
+    """Fill every frozen weight of `model` from the checkpoint; return the base fingerprint.
+
+    Strict: every model weight is filled once, every checkpoint tensor is used (mask
+    buffers aside) and every shape is checked.
+    """
+    config = model.config
+    wanted = {theirs: ours for ours, theirs in hf_key_map(config.n_layer).items()}
+    if not model.tied:
+        wanted[LM_HEAD] = "lm_head.weight"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    pieces: dict[str, bytes] = {}
+    for key, load, shape in read_tensors(directory):
+        if key.endswith(IGNORED_SUFFIXES) or (key == LM_HEAD and model.tied):
+            continue  # mask buffers; a tied lm_head saved anyway is the embedding again
+        if key not in wanted:
+            raise CheckpointError(f"{directory}: unexpected tensor {key!r} in the checkpoint")
+        ours = wanted[key]
+        target = params[ours]
+        expected = tuple(reversed(target.shape)) if is_transposed(key) else tuple(target.shape)
+        if shape != expected:
+            raise CheckpointError(
+                f"{directory}: tensor {key!r} has shape {shape}, expected {expected}"
+            )
+        if key in pieces:
+            raise CheckpointError(f"{directory}: tensor {key!r} appears twice")
+        tensor = load()
+        pieces[key] = _fingerprint_piece(key, tensor)
+        with torch.no_grad():
+            target.copy_(tensor.T if is_transposed(key) else tensor)
+    missing = sorted(set(wanted) - set(pieces))
+    if missing:
+        raise CheckpointError(f"{directory}: checkpoint is missing tensor {missing[0]!r}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return _fingerprint(pieces)
+
+
+def build_empty(
+    config: ModelConfig, lora_config: LoRAConfig, dtype: torch.dtype, device: str | torch.device
+) -> GPT2:
+    """The model with frozen weights allocated (uninitialised, in `dtype`) and LoRA initialised."""
+    with torch.device("meta"):
+        model = GPT2(config, lora_config)
+    lora_names = {id(p) for p in lora_parameters(model).values()}
+    for param in model.parameters():
+        if id(param) not in lora_names:
+            param.data = param.data.to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty makes new tensors, so tie again
+    for layer in model.lora_layers().values():
+        layer.reset_lora_parameters()
+    return model
+
+
+def load_pretrained(
+    name_or_path: str,
+    *,
+    targets=("qkv_projection",),
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> GPT2:
+    """GPT-2 with Hugging Face weights (Hub id or local directory) and fresh LoRA layers.
+
+    The returned model has `source` (the directory read) and `fingerprint` (of the weights).
+    """
+    directory = resolve_checkpoint(name_or_path)
+    config = read_config(directory)
+    lora_config = LoRAConfig(targets=targets, r=r, alpha=alpha, dropout=dropout)
+    model = build_empty(config, lora_config, dtype, device)
+    model.fingerprint = load_into(model, directory)
+    model.source = str(name_or_path)
+    return model

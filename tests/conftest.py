@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random GPT-2 checkpoints written in the real Hugging Face format."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A random GPT2LMHeadModel with every tensor perturbed, so nothing hides behind its init."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**TINY, **overrides})
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+def save_hf_model(model, directory) -> str:
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(directory, HF model) of a tiny GPT-2 with the full 50257-token vocabulary."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    model = make_hf_model()
+    return save_hf_model(model, directory), model
+
+
+@pytest.fixture(scope="session")
+def small_vocab_checkpoint(tmp_path_factory):
+    """A tiny GPT-2 with a 128-token vocabulary: the fastest model that still is GPT-2."""
+    directory = tmp_path_factory.mktemp("tiny-vocab")
+    model = make_hf_model(vocab_size=128, n_positions=32)
+    return save_hf_model(model, directory), model
