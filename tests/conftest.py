@@ -45,3 +45,30 @@ def small_vocab_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-vocab")
     model = make_hf_model(vocab_size=128, n_positions=32)
     return save_hf_model(model, directory), model
+
+
+SAMPLE_TEXT = "".join(
+    f"{name}:\nWhat say you, {other}? The {n}th hour comes, and with it {thing}.\n\n"
+    for n, (name, other, thing) in enumerate(
+        [("ROMEO", "Juliet", "the night"), ("JULIET", "Romeo", "the lark"),
+         ("MERCUTIO", "Benvolio", "a plague"), ("NURSE", "lady", "the wedding")] * 40
+    )
+)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from lora_gpt2.cli import main
+
+    def run(*args: str):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

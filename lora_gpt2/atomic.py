@@ -1,0 +1,69 @@
+"""Atomic file writes: a temporary name in the same folder, fsync, then rename.
+
+A crash at any moment leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f"{TMP_MARK}{os.getpid()}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success it replaces `path`, on error it goes."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporaries that a killed process left behind; return what was removed."""
+    removed = []
+    for tmp in Path(directory).glob(f"{TMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the folder itself is synced (POSIX).
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
