@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -32,7 +33,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -50,8 +51,6 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     for tmp in Path(directory).glob(f"{TMP_MARK}*"):
         with contextlib.suppress(OSError):
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
@@ -59,7 +58,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename is durable only once the folder itself is synced (POSIX).
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
