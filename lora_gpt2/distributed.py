@@ -58,6 +58,7 @@ def setup(device_choice: str) -> Dist:
 
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing files; leave together
         dist.destroy_process_group()
 
 

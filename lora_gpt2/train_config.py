@@ -207,16 +207,25 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Sectioned values from a TOML file, checked for unknown keys and wrong types."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
+    return read_toml_text(text, str(path))
+
+
+def read_toml_text(text: str, origin: str = "config") -> dict[str, dict[str, Any]]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
-    path = Path(path)
+    path = origin
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {str(path)!r} not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
     values: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():

@@ -72,3 +72,25 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """A folder holding input.txt, with its token files prepared."""
+    from lora_gpt2.prepare import ensure_prepared
+
+    d = tmp_path_factory.mktemp("text")
+    (d / "input.txt").write_text(SAMPLE_TEXT)
+    ensure_prepared(d)
+    return d
+
+
+def train_config(checkpoint: str, data, out, **overrides):
+    """A tiny, fast TrainConfig; keyword overrides go to the right section."""
+    from lora_gpt2 import train_config as tc
+
+    flags = dict(model=checkpoint, data=str(data), out=str(out), targets=("qkv_projection",), rank=4,
+                 alpha=8.0, dropout=0.0, dtype="float32", block_size=32, batch_size=4, max_steps=12,
+                 lr=3e-3, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=2, device="cpu")
+    flags.update(overrides)
+    return tc.resolve(tc.flag_values(flags))

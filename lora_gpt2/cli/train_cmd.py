@@ -73,6 +73,8 @@ def train(
     if result.interrupted:
         say(f"stopped at step {result.step}/{result.max_steps}; continue with: "
             f"lora-gpt2 train --out {resolved.run.out} --resume")
+        if stopper.requested():
+            raise typer.Exit(130)  # the shell's code for Ctrl-C, so `train && next` stops too
 
 
 def _file_out(layers) -> str | None:

@@ -1,0 +1,131 @@
+"""The training loop: learning, frozen weights, adapter files, exact resume, stops and errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_gpt2 import checkpoint, load_pretrained
+from lora_gpt2.errors import CheckpointError, TrainingStopped
+from lora_gpt2.lora import lora_parameters
+from lora_gpt2.trainer import Trainer, train
+
+from conftest import train_config
+
+COMPARED = ("step", "train_loss", "val_loss", "lr")
+
+
+def records(out):
+    return [{k: r.get(k) for k in COMPARED} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_loss_falls_when_overfitting_and_only_lora_changes(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    cfg = train_config(path, text_data, tmp_path / "run", targets=("all",), max_steps=40, lr=1e-2,
+                       eval_interval=40, log_interval=1)
+    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
+    frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    result = trainer.run(lambda: False, None)
+    losses = [r["train_loss"] for r in records(tmp_path / "run")]
+    assert len(losses) == 40 and result.step == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # nats per token
+    for name, param in trainer.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_holds_exactly_the_lora_tensors_and_reloads_to_identical_logits(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    cfg = train_config(path, text_data, tmp_path / "run", targets=("attn", "lm_head"), max_steps=6)
+    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
+    trainer.run(lambda: False, None)
+    last = tmp_path / "run" / "last"
+    tensors = load_file(last / "adapter.safetensors")
+    assert set(tensors) == set(lora_parameters(trainer.model))
+    meta = json.loads((last / "adapter.json").read_text())
+    assert meta["step"] == 6 and meta["lora"] == {"targets": ["qkv_projection", "output_projection", "lm_head"],
+                                                  "r": 4, "alpha": 8.0, "dropout": 0.0}
+    assert meta["base_fingerprint"] == trainer.model.fingerprint and meta["format_version"] == 1
+    info = checkpoint.read_adapter_info(tmp_path / "run")  # a run folder resolves to best/
+    assert info.path == tmp_path / "run" / "best"
+    info = checkpoint.read_adapter_info(last)
+    fresh = load_pretrained(info.base_model, targets=info.lora.targets, r=info.lora.r, alpha=info.lora.alpha)
+    checkpoint.load_adapter_tensors(fresh, info)
+    idx = torch.randint(0, 50257, (2, 16))
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx), trainer.model(idx))
+
+
+def test_adapter_size_is_close_to_the_raw_lora_bytes(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    train(train_config(path, text_data, tmp_path / "run", max_steps=2, eval_interval=2))
+    file = tmp_path / "run" / "last" / "adapter.safetensors"
+    raw = sum(t.numel() * 4 for t in load_file(file).values())
+    assert raw <= file.stat().st_size < raw + 4096
+
+
+def test_resume_is_bit_identical_to_an_unbroken_run(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    kwargs = dict(targets=("attn",), max_steps=10, eval_interval=3, log_interval=1, dropout=0.1)
+    train(train_config(path, text_data, tmp_path / "whole", **kwargs))
+    first = train(train_config(path, text_data, tmp_path / "split", **kwargs), stop_after=4)
+    assert first.interrupted and first.step == 4
+    second = train(train_config(path, text_data, tmp_path / "split", **kwargs), resume=True)
+    assert second.step == 10 and not second.interrupted
+    a = load_file(tmp_path / "whole" / "last" / "adapter.safetensors")
+    b = load_file(tmp_path / "split" / "last" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "whole") == records(tmp_path / "split")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, text_data, tmp_path, monkeypatch):
+    import lora_gpt2.trainer as trainer_module
+
+    path, _ = tiny_checkpoint
+    calls = {"n": 0}
+    real = trainer_module.lm_loss
+
+    def poisoned(model, x, y):
+        loss = real(model, x, y)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 5 and model.training else loss
+
+    monkeypatch.setattr(trainer_module, "lm_loss", poisoned)
+    cfg = train_config(path, text_data, tmp_path / "run", max_steps=10, eval_interval=100, save_interval=2)
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 6; stopped without saving.*run/last"):
+        train(cfg)
+    info = checkpoint.read_adapter_info(tmp_path / "run" / "last")
+    assert info.meta["step"] == 4
+    assert checkpoint.load_state(tmp_path / "run" / "last")["step"] == 4
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    cfg = train_config(path, text_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"already holds a run \(at step 2\); pass --resume"):
+        train(cfg)
+
+
+def test_resume_without_a_run_is_refused(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    with pytest.raises(CheckpointError, match="nothing to resume in"):
+        train(train_config(path, text_data, tmp_path / "none"), resume=True)
+
+
+def test_epochs_set_the_number_of_steps(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint
+    cfg = train_config(path, text_data, tmp_path / "run", max_steps=None, epochs=0.5, eval_interval=1000)
+    assert cfg.optim.max_steps is None
+    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
+    assert trainer.max_steps == math.ceil(0.5 * len(trainer.train_tokens) / (4 * 32))
+
+
+def test_block_size_beyond_the_context_is_refused(tiny_checkpoint, text_data, tmp_path):
+    path, _ = tiny_checkpoint  # n_positions 64
+    with pytest.raises(ValueError, match="block_size 128 is longer than the model's context of 64"):
+        train(train_config(path, text_data, tmp_path / "run", block_size=128))
