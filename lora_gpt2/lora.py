@@ -78,6 +78,7 @@ class Linear(FrozenLinear):
         self.lora_b = nn.Parameter(torch.empty(out_features, r))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.active = True  # False: behave as the frozen layer (see GPT2.lora_disabled)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -90,7 +91,7 @@ class Linear(FrozenLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.active:
             return out
         # Low-rank side first: (.., in) -> (.., r) -> (.., out). The fp32 LoRA parameters
         # follow the activations' dtype, so bf16 weights never need a per-step cast.
@@ -152,6 +153,7 @@ class Embedding(FrozenEmbedding):
         self.lora_a = nn.Parameter(torch.empty(r, num_embeddings))
         self.lora_b = nn.Parameter(torch.empty(embedding_dim, r))
         self.merged = False
+        self.active = True
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -164,7 +166,7 @@ class Embedding(FrozenEmbedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.embedding(x, self.weight)
-        if self.merged:
+        if self.merged or not self.active:
             return out
         rows = F.embedding(x, self.lora_a.T)  # (.., r)
         update = rows @ self.lora_b.T  # (.., dim)

@@ -7,7 +7,9 @@ or float16; LoRA parameters stay float32.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,20 @@ class GPT2(nn.Module):
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():
             layer.unmerge()
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """The base model alone, for as long as the block runs (not allowed while merged)."""
+        layers = list(self.lora_layers().values())
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("unmerge the model before disabling its LoRA layers")
+        for layer in layers:
+            layer.active = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.active = True
 
     def frozen_dtype(self) -> torch.dtype:
         return self.token_embedding.weight.dtype

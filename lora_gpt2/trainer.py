@@ -189,12 +189,18 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
+    def eval_settings(self) -> dict[str, Any]:
+        """What `lora-gpt2 eval` needs to reproduce this run's validation numbers."""
+        d = self.config.data
+        return {"data": str(Path(d.data).resolve()), "block_size": d.block_size,
+                "batch_size": d.batch_size, "eval_batches": self.config.run.eval_batches}
+
     def save(self, name: str, with_state: bool) -> None:
         if not self.dist.is_main:
             return
         checkpoint.save_checkpoint(self.out / name, self.model, self.state() if with_state else None,
                                    step=self.step, val_loss=self.last_val,
-                                   tokens_per_step=self.tokens_per_step)
+                                   tokens_per_step=self.tokens_per_step, eval=self.eval_settings())
         self.emit("checkpoint", path=self.out / name, step=self.step)
 
     def train_step(self) -> float:

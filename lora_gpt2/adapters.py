@@ -1,0 +1,94 @@
+"""Base model + adapter for inference: lora-gpt2 adapters and PEFT LoRA folders alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, peft_io
+from .config import LoRAConfig
+from .errors import CheckpointError
+from .lora import lora_parameters
+from .model import GPT2
+from .weights import load_pretrained
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter read from disk: its LoRA settings, tensors (by our names) and base model."""
+
+    path: Path
+    kind: str  # "lora-gpt2" or "peft"
+    lora: LoRAConfig
+    tensors: dict[str, torch.Tensor] | None  # None: read lazily from a lora-gpt2 folder
+    base_model: str
+    base_fingerprint: str | None
+    meta: dict
+    base_layers: dict[str, torch.Tensor]
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    path = Path(path).expanduser()
+    if path.is_dir() and peft_io.is_peft_dir(path):
+        lora, tensors, base, base_layers = peft_io.read_peft(path)
+        return Adapter(path, "peft", lora, tensors, base or "", None, {}, base_layers)
+    info = checkpoint.read_adapter_info(path)
+    return Adapter(info.path, "lora-gpt2", info.lora, None, info.base_model, info.base_fingerprint,
+                   info.meta, {})
+
+
+def apply_adapter(model: GPT2, adapter: Adapter) -> None:
+    """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
+    if adapter.kind == "lora-gpt2":
+        checkpoint.load_adapter_tensors(model, checkpoint.read_adapter_info(adapter.path))
+        return
+    params = lora_parameters(model)
+    tensors = adapter.tensors or {}
+    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise CheckpointError(f"{adapter.path}: {what} (does it cover every layer of this model?)")
+    for name, param in params.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{adapter.path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensors[name])
+    _check_base_layers(model, adapter)
+
+
+def _check_base_layers(model: GPT2, adapter: Adapter) -> None:
+    """PEFT saves tied embedding weights beside the adapter; accept them only if unchanged."""
+    from .weights import LM_HEAD, hf_key_map
+
+    ours_by_hf = {f"transformer.{theirs}": ours for ours, theirs in hf_key_map(model.config.n_layer).items()}
+    ours_by_hf[LM_HEAD] = "lm_head.weight"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, tensor in adapter.base_layers.items():
+        hf_key = key.replace(".base_layer.weight", ".weight")
+        ours = ours_by_hf.get(hf_key)
+        if ours is None or not torch.equal(params[ours].detach().cpu().to(tensor.dtype), tensor):
+            raise CheckpointError(f"{adapter.path}: {key} differs from the base model's weight; "
+                                  "lora-gpt2 imports LoRA tensors only")
+
+
+def load_with_adapter(adapter_path: str | None, *, model: str | None = None, dtype=torch.float32,
+                      device="cpu", force: bool = False) -> tuple[GPT2, Adapter | None]:
+    """The base model (from --model, else the adapter's record) with the adapter applied."""
+    adapter = read_adapter(adapter_path) if adapter_path else None
+    base = model or (adapter.base_model if adapter else "")
+    if not base:
+        raise ValueError("no base model: pass --model (the adapter does not name its base)")
+    lora = adapter.lora if adapter else LoRAConfig(targets=())
+    net = load_pretrained(base, targets=lora.targets, r=lora.r, alpha=lora.alpha, dtype=dtype, device=device)
+    if adapter is not None:
+        expected = adapter.base_fingerprint
+        if expected and expected != net.fingerprint and not force:
+            raise CheckpointError(
+                f"adapter {adapter.path} was trained on base {adapter.base_model!r} (fingerprint {expected}), "
+                f"but {base!r} has fingerprint {net.fingerprint}; pass --force to use it anyway")
+        apply_adapter(net, adapter)
+    net.eval()
+    return net, adapter

@@ -1,0 +1,57 @@
+"""Write base + adapter as a plain Hugging Face GPT-2 folder (config.json + model.safetensors).
+
+The LoRA updates are folded into the weights. GPT-2 ties lm_head to the token embedding;
+when the adapter changes either of them the two differ after merging, so lm_head is written
+on its own and `tie_word_embeddings` is set to false.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .atomic import write_bytes, write_text
+from .hub import resolve_checkpoint
+from .model import GPT2
+from .tokenizer import ASSETS
+from .weights import LM_HEAD, hf_key_map, is_transposed
+
+
+def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
+    """(HF state dict with the updates folded in, whether lm_head stays tied)."""
+    model.merge()
+    try:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        state = {}
+        for ours, theirs in hf_key_map(model.config.n_layer).items():
+            tensor = params[ours].detach()
+            # HF Conv1D stores (in, out); our Linear holds (out, in)
+            state[f"transformer.{theirs}"] = (tensor.T if is_transposed(theirs) else tensor).contiguous().clone()
+        tied = model.tied
+        if not tied:
+            state[LM_HEAD] = model.lm_head.weight.detach().contiguous().clone()
+        return state, tied
+    finally:
+        model.unmerge()
+
+
+def write_merged(model: GPT2, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files into `out_dir`."""
+    from safetensors.torch import save
+
+    state, tied = merged_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((resolve_checkpoint(model.source) / "config.json").read_text())
+    config["tie_word_embeddings"] = tied
+    config["architectures"] = ["GPT2LMHeadModel"]
+    write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt"}))
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    # the tokenizer under the names transformers looks for, so the folder is complete
+    shutil.copyfile(ASSETS / "encoder.json", out_dir / "vocab.json")
+    shutil.copyfile(ASSETS / "vocab.bpe", out_dir / "merges.txt")
+    return out_dir

@@ -1,0 +1,179 @@
+"""PEFT LoRA adapters for GPT-2, both ways, written as a name map.
+
+PEFT names a LoRA tensor `base_model.model.<HF module>.lora_A.weight` (Linear / Conv1D:
+A is (r, in), B is (out, r), as ours) or `...lora_embedding_A` (embeddings: A (r, num),
+B (dim, r), as ours), so conversion is renaming alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import write_bytes, write_text
+from .config import LoRAConfig
+from .errors import CheckpointError
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+
+# our module (with {i} for the block) -> HF module path in GPT2LMHeadModel
+MODULES = {
+    "token_embedding": "transformer.wte",
+    "position_embedding": "transformer.wpe",
+    "blocks.{i}.attn.qkv_projection": "transformer.h.{i}.attn.c_attn",
+    "blocks.{i}.attn.output_projection": "transformer.h.{i}.attn.c_proj",
+    "blocks.{i}.ffn.linear_in": "transformer.h.{i}.mlp.c_fc",
+    "blocks.{i}.ffn.linear_out": "transformer.h.{i}.mlp.c_proj",
+    "lm_head": "lm_head",
+}
+# our target name -> PEFT target_modules entry (a suffix match, so "attn.c_proj" never hits mlp)
+TARGET_MODULES = {
+    "token_embedding": "wte",
+    "position_embedding": "wpe",
+    "qkv_projection": "attn.c_attn",
+    "output_projection": "attn.c_proj",
+    "linear_in": "mlp.c_fc",
+    "linear_out": "mlp.c_proj",
+    "lm_head": "lm_head",
+}
+EMBEDDINGS = ("token_embedding", "position_embedding")
+CONV1D = ("qkv_projection", "output_projection", "linear_in", "linear_out")
+# adapter_config.json fields that change the arithmetic: refused by name unless at this value
+UNSUPPORTED = {
+    "use_dora": (False, None),
+    "use_rslora": (False, None),
+    "use_qalora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "trainable_token_indices": (None, {}),
+}
+
+
+def is_peft_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _suffix(kind: str, half: str) -> str:
+    """PEFT's tensor suffix for lora_a / lora_b of a linear or embedding module."""
+    letter = "A" if half == "lora_a" else "B"
+    return f"lora_embedding_{letter}" if kind == "embedding" else f"lora_{letter}.weight"
+
+
+def our_to_peft_names(n_layer: int) -> dict[str, str]:
+    """Every possible LoRA tensor name of ours -> PEFT's key."""
+    names = {}
+    for ours, theirs in MODULES.items():
+        target = ours.rsplit(".", 1)[-1]
+        kind = "embedding" if target in EMBEDDINGS else "linear"
+        for i in range(n_layer) if "{i}" in ours else [None]:
+            for half in ("lora_a", "lora_b"):
+                names[f"{ours.format(i=i)}.{half}"] = f"{PREFIX}{theirs.format(i=i)}.{_suffix(kind, half)}"
+    return names
+
+
+def peft_config(lora: LoRAConfig, base_model: str | None) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.r,
+        "lora_alpha": lora.r if lora.alpha is None else lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": [TARGET_MODULES[t] for t in lora.targets],
+        # GPT-2's Conv1D stores (in, out); PEFT needs this to merge them (it resets it per layer)
+        "fan_in_fan_out": any(t in CONV1D for t in lora.targets),
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+
+
+def export_peft(tensors: dict[str, torch.Tensor], lora: LoRAConfig, n_layer: int,
+                base_model: str | None, out_dir: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel loads."""
+    from safetensors.torch import save
+
+    missing = [t for t in lora.targets if t not in TARGET_MODULES]
+    if missing:
+        raise CheckpointError(f"target {missing[0]!r} has no PEFT equivalent; refusing to write a wrong file")
+    names = our_to_peft_names(n_layer)
+    converted = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes(out_dir / WEIGHTS_FILE, save(converted, metadata={"format": "pt"}))
+    write_text(out_dir / CONFIG_FILE, json.dumps(peft_config(lora, base_model), indent=2) + "\n")
+
+
+def read_peft(directory: Path, n_layer_hint: int | None = None):
+    """(LoRAConfig, tensors by our names, base model, base-layer tensors) from a PEFT folder."""
+    config_path = directory / CONFIG_FILE
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{config_path} is not valid JSON") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    for field, allowed in UNSUPPORTED.items():
+        if field in raw and raw[field] not in allowed:
+            raise CheckpointError(f"{config_path}: {field}={raw[field]!r} is not supported by lora-gpt2")
+    tensors = _read_tensors(directory)
+    ours: dict[str, torch.Tensor] = {}
+    base_layers: dict[str, torch.Tensor] = {}
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
+                         r"lora_embedding_A|lora_embedding_B|lora_A\.default\.weight|lora_B\.default\.weight)$")
+    reverse = {theirs: ours_name for ours_name, theirs in MODULES.items()}
+    for key, tensor in tensors.items():
+        if key.endswith(".base_layer.weight"):
+            base_layers[key.removeprefix(PREFIX)] = tensor
+            continue
+        match = pattern.match(key)
+        if not match:
+            raise CheckpointError(f"{directory / WEIGHTS_FILE}: tensor {key!r} is not a LoRA tensor lora-gpt2 reads")
+        module, part = match.groups()
+        generic = re.sub(r"\.h\.(\d+)\.", ".h.{i}.", module)
+        if generic not in reverse:
+            raise CheckpointError(f"{directory / WEIGHTS_FILE}: module {module!r} has no lora-gpt2 equivalent")
+        block = re.search(r"\.h\.(\d+)\.", module)
+        name = reverse[generic].format(i=block.group(1) if block else "")
+        half = "lora_a" if part.startswith(("lora_A", "lora_embedding_A")) else "lora_b"
+        ours[f"{name}.{half}"] = tensor
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in ours})
+    try:
+        lora = LoRAConfig(targets=tuple(targets), r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
+                          dropout=float(raw.get("lora_dropout") or 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: invalid LoRA settings ({exc})") from None
+    return lora, ours, raw.get("base_model_name_or_path"), base_layers
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = directory / WEIGHTS_FILE
+    if file.is_file():
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
+    legacy = directory / LEGACY_WEIGHTS_FILE
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{legacy} cannot be loaded safely ({exc})") from None
+    raise CheckpointError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
