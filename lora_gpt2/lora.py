@@ -45,8 +45,10 @@ class FrozenLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        # nn.Linear's default init, so a model built from scratch is usable before loading.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # nn.Linear's default init, so a model built from scratch is usable before loading
+        # (skipped on the meta device, where weights.py builds shapes only).
+        if not self.weight.is_meta:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -82,6 +84,8 @@ class Linear(FrozenLinear):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        if self.lora_a.is_meta:
+            return  # shapes only; weights.materialize_lora initialises the real tensors
         nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
         nn.init.zeros_(self.lora_b)
 
@@ -128,7 +132,8 @@ class FrozenEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
-        nn.init.normal_(self.weight)
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight)
@@ -157,6 +162,8 @@ class Embedding(FrozenEmbedding):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        if self.lora_a.is_meta:
+            return  # shapes only; weights.materialize_lora initialises the real tensors
         nn.init.normal_(self.lora_a)
         nn.init.zeros_(self.lora_b)
 

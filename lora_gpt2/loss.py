@@ -1,12 +1,94 @@
-"""Next-token cross-entropy in float32, whatever dtype the model computes in."""
+"""Next-token cross-entropy fused with the lm_head projection, chunk by chunk.
+
+Full logits for a batch are (tokens x 50257): 200 MB in float32 for 1,024 tokens, plus as
+much again for their gradient. Here each chunk's logits live only while its loss and its
+gradients are computed, in the forward pass itself (softmax - one-hot is the gradient of
+cross-entropy), so what autograd keeps is the (tokens x d) gradient of the hidden states.
+The softmax and the loss are always computed in float32.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+CHUNK_TOKENS = 256
+
+
+class _FusedLMHeadLoss(torch.autograd.Function):
+    """Mean CE of (h @ W^T + scaling * (h @ A^T) @ B^T) against targets; A, B optional (LoRA)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, lora_a, lora_b, scaling, chunk):
+        n = h.size(0)
+        need_h = ctx.needs_input_grad[0]
+        need_lora = lora_a is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        a = lora_a.to(h.dtype) if lora_a is not None else None
+        b = lora_b.to(h.dtype) if lora_b is not None else None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_a = torch.zeros_like(lora_a) if need_lora else None
+        grad_b = torch.zeros_like(lora_b) if need_lora else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk):
+            hc, tc = h[start : start + chunk], targets[start : start + chunk]  # (c, d), (c,)
+            logits = F.linear(hc, weight)  # (c, V)
+            if a is not None:
+                low = F.linear(hc, a)  # (c, r)
+                logits = torch.add(logits, F.linear(low, b), alpha=scaling)
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            rows = torch.arange(logits.size(0), device=logits.device)
+            total += (lse - logits[rows, tc]).sum()  # sum of -log softmax at the targets
+            if not (need_h or need_lora):
+                continue
+            # d(sum CE)/d(logits) = softmax - onehot, built in place over the logits
+            g = logits.sub_(lse[:, None]).exp_()
+            g[rows, tc] -= 1.0
+            g = g.to(h.dtype)  # (c, V)
+            g_low = g @ b if a is not None else None  # (c, r)
+            if need_h:
+                gh = g @ weight  # (c, d)
+                grad_h[start : start + chunk] = gh if a is None else torch.add(gh, g_low @ a, alpha=scaling)
+            if need_lora:
+                grad_b += (g.T @ low).float() * scaling  # (V, r)
+                grad_a += (g_low.T @ hc).float() * scaling  # (r, d)
+        ctx.n = n
+        ctx.save_for_backward(grad_h, grad_a, grad_b)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_a, grad_b = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (
+            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+            None,
+            None,
+            grad_a * scale if grad_a is not None else None,
+            grad_b * scale if grad_b is not None else None,
+            None,
+            None,
+        )
+
+
+def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                       chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token loss of hidden states h (B, T, d) through `lm_head` against targets (B, T)."""
+    flat_h = h.reshape(-1, h.size(-1))  # (B*T, d)
+    flat_t = targets.reshape(-1)  # (B*T,)
+    lora_active = getattr(lm_head, "lora_a", None) is not None and lm_head.active and not lm_head.merged
+    if lora_active and lm_head.training and isinstance(lm_head.dropout, torch.nn.Dropout):
+        # dropout on lm_head's LoRA input needs its mask in backward: take the plain path
+        return F.cross_entropy(lm_head(flat_h).float(), flat_t)
+    a = lm_head.lora_a if lora_active else None
+    b = lm_head.lora_b if lora_active else None
+    scaling = lm_head.scaling if lora_active else 1.0
+    return _FusedLMHeadLoss.apply(flat_h, lm_head.weight, flat_t, a, b, scaling, chunk)
+
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the model's predictions for x (B, T) against targets y (B, T)."""
-    logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    """Mean cross-entropy of the model's predictions for x (B, T) against targets y (B, T).
+
+    Goes through the model's own forward (`targets=`), so DDP and torch.compile see it.
+    """
+    return model(x, targets=y)

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import lora
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
+from .loss import fused_lm_head_loss
 
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig) -> nn.Module:
@@ -148,9 +149,17 @@ class GPT2(nn.Module):
             cache.length = start + T
         return self.final_norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T)."""
-        return self.lm_head(self.hidden_states(idx, cache))
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean loss instead.
+
+        The loss never materialises the full logits (see loss.py).
+        """
+        h = self.hidden_states(idx, cache)
+        if targets is not None:
+            return fused_lm_head_loss(h, self.lm_head, targets)
+        return self.lm_head(h)
 
     def lora_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.named_modules() if isinstance(m, lora.LORA_LAYERS)}

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .errors import CheckpointError
 from .hub import resolve_checkpoint
-from .lora import lora_parameters
 from .model import GPT2
 
 # Our parameter name -> HF key (without the "transformer." prefix).
@@ -185,20 +185,21 @@ def _fingerprint(pieces: dict[str, bytes]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_into(model: GPT2, directory: Path) -> str:
-    """Fill every frozen weight of `model` from the checkpoint; return the base fingerprint.
+def load_into(model: GPT2, directory: Path, dtype: torch.dtype, device: str | torch.device) -> str:
+    """Give every frozen weight of `model` (built on the meta device) its checkpoint tensor.
 
     Strict: every model weight is filled once, every checkpoint tensor is used (mask
-    buffers aside) and every shape is checked.
+    buffers aside) and every shape is checked. Returns the base fingerprint. A float32
+    tensor bound for the CPU is used as it lies in the file's memory map: no copy at all
+    (a transposed Conv1D weight is a view, which matmul reads as fast).
     """
-    config = model.config
-    wanted = {theirs: ours for ours, theirs in hf_key_map(config.n_layer).items()}
-    if not model.tied:
+    wanted = {theirs: ours for ours, theirs in hf_key_map(model.config.n_layer).items()}
+    if not model.config.tie_word_embeddings:
         wanted[LM_HEAD] = "lm_head.weight"
     params = dict(model.named_parameters(remove_duplicate=False))
     pieces: dict[str, bytes] = {}
     for key, load, shape in read_tensors(directory):
-        if key.endswith(IGNORED_SUFFIXES) or (key == LM_HEAD and model.tied):
+        if key.endswith(IGNORED_SUFFIXES) or (key == LM_HEAD and model.config.tie_word_embeddings):
             continue  # mask buffers; a tied lm_head saved anyway is the embedding again
         if key not in wanted:
             raise CheckpointError(f"{directory}: unexpected tensor {key!r} in the checkpoint")
@@ -213,30 +214,23 @@ def load_into(model: GPT2, directory: Path) -> str:
             raise CheckpointError(f"{directory}: tensor {key!r} appears twice")
         tensor = load()
         pieces[key] = _fingerprint_piece(key, tensor)
-        with torch.no_grad():
-            target.copy_(tensor.T if is_transposed(key) else tensor)
+        value = (tensor.T if is_transposed(key) else tensor).to(device=device, dtype=dtype)
+        module_name, _, attr = ours.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
     missing = sorted(set(wanted) - set(pieces))
     if missing:
         raise CheckpointError(f"{directory}: checkpoint is missing tensor {missing[0]!r}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.tie_weights()
     return _fingerprint(pieces)
 
 
-def build_empty(
-    config: ModelConfig, lora_config: LoRAConfig, dtype: torch.dtype, device: str | torch.device
-) -> GPT2:
-    """The model with frozen weights allocated (uninitialised, in `dtype`) and LoRA initialised."""
-    with torch.device("meta"):
-        model = GPT2(config, lora_config)
-    lora_names = {id(p) for p in lora_parameters(model).values()}
-    for param in model.parameters():
-        if id(param) not in lora_names:
-            param.data = param.data.to(dtype)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty makes new tensors, so tie again
+def materialize_lora(model: GPT2, device: str | torch.device) -> None:
+    """Real, freshly initialised float32 LoRA parameters for a model built on the meta device."""
     for layer in model.lora_layers().values():
+        layer.lora_a = nn.Parameter(torch.empty(layer.lora_a.shape, device=device))
+        layer.lora_b = nn.Parameter(torch.empty(layer.lora_b.shape, device=device))
         layer.reset_lora_parameters()
-    return model
 
 
 def load_pretrained(
@@ -256,7 +250,9 @@ def load_pretrained(
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory)
     lora_config = LoRAConfig(targets=targets, r=r, alpha=alpha, dropout=dropout)
-    model = build_empty(config, lora_config, dtype, device)
-    model.fingerprint = load_into(model, directory)
+    with torch.device("meta"):  # shapes only: the weights come from the file
+        model = GPT2(config, lora_config)
+    model.fingerprint = load_into(model, directory, dtype, device)
+    materialize_lora(model, device)
     model.source = str(name_or_path)
     return model

@@ -165,3 +165,44 @@ def test_sequence_longer_than_context_is_a_value_error():
     model = GPT2(cfg)
     with pytest.raises(ValueError, match="sequence of 9 tokens is longer than the model's context of 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("targets, dtype", [((), torch.float32), (("lm_head", "qkv_projection"), torch.float32),
+                                            (("all",), torch.float32), (("lm_head",), torch.bfloat16)])
+def test_fused_loss_and_gradients_equal_the_plain_computation(targets, dtype):
+    from lora_gpt2 import loss as loss_module
+
+    torch.manual_seed(6)
+    cfg = ModelConfig(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2(cfg, LoRAConfig(targets=targets, r=2, alpha=4))
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.normal_(std=0.3)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+    x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    h_leaf = model.hidden_states(x).detach().requires_grad_()
+    plain = F.cross_entropy(model.lm_head(h_leaf).float().flatten(0, 1), y.flatten())
+    plain.backward()
+    reference = {n: p.grad.clone() for n, p in lora.lora_parameters(model).items() if n.startswith("lm_head")}
+    reference_h = h_leaf.grad.clone()
+    model.zero_grad()
+    h_leaf.grad = None
+    fused = loss_module.fused_lm_head_loss(h_leaf, model.lm_head, y, chunk=7)  # chunks that do not divide 60
+    (fused * 3).backward()  # the upstream gradient scales every result
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(fused, plain, **tol)
+    torch.testing.assert_close(h_leaf.grad.float(), 3 * reference_h.float(), **tol)
+    for name, grad in reference.items():
+        torch.testing.assert_close(lora.lora_parameters(model)[name].grad, 3 * grad, **tol)
+    if not targets:
+        return
+    # through the model's own forward, every LoRA gradient matches the unfused graph too
+    model.zero_grad()
+    F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).backward()
+    unfused = {n: p.grad.clone() for n, p in lora.lora_parameters(model).items()}
+    model.zero_grad()
+    model(x, targets=y).backward()
+    for name, grad in unfused.items():
+        torch.testing.assert_close(lora.lora_parameters(model)[name].grad, grad, **tol)
