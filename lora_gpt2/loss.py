@@ -35,14 +35,13 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             if a is not None:
                 low = F.linear(hc, a)  # (c, r)
                 logits = torch.add(logits, F.linear(low, b), alpha=scaling)
-            logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            rows = torch.arange(logits.size(0), device=logits.device)
-            total += (lse - logits[rows, tc]).sum()  # sum of -log softmax at the targets
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (c, V), one fused pass
+            rows = torch.arange(logp.size(0), device=logp.device)
+            total -= logp[rows, tc].sum()
             if not (need_h or need_lora):
                 continue
-            # d(sum CE)/d(logits) = softmax - onehot, built in place over the logits
-            g = logits.sub_(lse[:, None]).exp_()
+            # d(sum CE)/d(logits) = softmax - onehot, built in place over the log-probabilities
+            g = logp.exp_()
             g[rows, tc] -= 1.0
             g = g.to(h.dtype)  # (c, V)
             g_low = g @ b if a is not None else None  # (c, r)
