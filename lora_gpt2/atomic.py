@@ -11,7 +11,10 @@ import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import WriteError
+
 TMP_MARK = ".tmp-"
+
 
 
 def temp_path(path: Path) -> Path:
@@ -29,9 +32,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            # a failed write() names no file: say which one, and that the old one is intact
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}; "
+                             f"{'the previous file is intact' if path.exists() else 'nothing was written'}") from None
         raise
     fsync_dir(path.parent)
 

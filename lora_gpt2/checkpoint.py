@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .atomic import TMP_MARK, atomic_open, fsync_dir, remove_stale_temps, write_bytes, write_text
 from .config import LoRAConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError
 from .lora import lora_parameters
 from .model import GPT2
 
@@ -80,15 +80,18 @@ def save_checkpoint(directory: Path, model: GPT2, state: dict | None = None, **e
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f"{TMP_MARK}{os.getpid()}-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write_adapter_files(model, tmp, **extra)
         if state is not None:
             with atomic_open(tmp / STATE_FILE, "wb") as f:
                 torch.save(state, f)
         _swap_in(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"cannot write checkpoint {directory}: {exc.strerror or exc}; "
+                             "the previous checkpoint is intact") from None
         raise
 
 

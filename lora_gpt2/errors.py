@@ -19,3 +19,7 @@ class DownloadError(LoraGPT2Error):
 
 class TrainingStopped(LoraGPT2Error):
     """Training stopped on purpose (a NaN loss); the last good checkpoint is intact."""
+
+
+class WriteError(LoraGPT2Error, OSError):
+    """A file could not be written (disk full, permissions); the message names it."""

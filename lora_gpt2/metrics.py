@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text
+from .errors import WriteError
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -31,5 +32,8 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -20,6 +20,7 @@ from .config import resolve_targets
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adam")
+MAX_MICRO_BATCH_TOKENS = 2**24  # far beyond any accelerator's memory for GPT-2
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -72,6 +73,10 @@ class DataSettings:
             raise ValueError("data must be a text file or a folder, got ''")
         _positive("block_size", self.block_size)
         _positive("batch_size", self.batch_size)
+        if self.batch_size * self.block_size > MAX_MICRO_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size x block_size = {self.batch_size * self.block_size:,} tokens per micro-batch is "
+                f"more than {MAX_MICRO_BATCH_TOKENS:,}; use --grad-accum for large batches")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (LoraGPT2Error, ValueError, OSError)
 
 
+def _with_value(message: str, argv: list[str] | None) -> str:
+    """Typer names the option but not what was given; add the value from the command line."""
+    import re
+
+    match = re.match(r"Invalid value for '(--[\w-]+)'", message)
+    args = sys.argv[1:] if argv is None else argv
+    if not match:
+        return message
+    option = match.group(1)
+    for i in reversed(range(len(args))):  # the last occurrence is the one that counts
+        if args[i] == option and i + 1 < len(args):
+            return f"{message} (got {args[i + 1]!r})"
+        if args[i].startswith(option + "="):
+            return f"{message} (got {args[i].split('=', 1)[1]!r})"
+    return message
+
+
+def _runtime_message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate" in text:
+        return f"out of memory ({text[:160]}); reduce --batch-size or --block-size, or use --dtype bfloat16"
+    return f"{type(exc).__name__}: {text[:300]} (LORA_GPT2_DEBUG=1 shows the traceback)"
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
@@ -50,15 +79,32 @@ def main(argv: list[str] | None = None) -> None:
             print(exc.ctx.get_help())
             code = 0
         else:
-            print(error_line(exc.format_message()), file=sys.stderr)
+            print(error_line(_with_value(exc.format_message(), argv)), file=sys.stderr)
             code = 1
     except (typer.Abort, KeyboardInterrupt):
         print(error_line("interrupted"), file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        _silence_stdout()
+        code = 0
     except _user_errors() as exc:
         if os.environ.get("LORA_GPT2_DEBUG"):
             raise
         print(error_line(exc), file=sys.stderr)
         code = 1
-    sys.stdout.flush()
+    except (MemoryError, RuntimeError) as exc:
+        if os.environ.get("LORA_GPT2_DEBUG"):
+            raise
+        print(error_line(_runtime_message(exc)), file=sys.stderr)
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("LORA_GPT2_DEBUG"):
+            raise
+        print(error_line(f"unexpected {type(exc).__name__}: {exc} (LORA_GPT2_DEBUG=1 shows the traceback)"),
+              file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lora-gpt2 generate | head`: the reader left, which is fine
+        _silence_stdout()
     sys.exit(code if isinstance(code, int) else 0)

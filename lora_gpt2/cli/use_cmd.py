@@ -78,6 +78,8 @@ def generate(
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_token=tokenizer.EOT_ID if stop_at_eot else None)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     text = _read_prompt(prompt, prompt_file)
     net, _ = _load(adapter, model, dtype, device, force)
     ids = tokenizer.encode(text) or [tokenizer.EOT_ID]  # an empty prompt starts a new document
