@@ -19,6 +19,7 @@ from . import checkpoint, distributed, metrics
 from .atomic import write_text
 from .data import TrainBatches, eval_batches, open_tokens
 from .errors import CheckpointError, TrainingStopped
+from .flops import lora_training_flops_per_token, measure_matmul_flops
 from .lora import count_parameters, lora_parameters
 from .loss import lm_loss
 from .model import GPT2
@@ -41,6 +42,8 @@ class TrainResult:
     out: Path
     interrupted: bool
     seconds: float
+    tokens_per_s: float  # over this session's steps, evaluations and checkpoints included
+    mfu: float | None  # model FLOPs / the device's measured dense matmul rate in this dtype
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -276,11 +279,21 @@ class Trainer:
             if stop and self.step < self.max_steps:
                 interrupted = True
                 break
+        seconds = time.perf_counter() - start_time
+        trained = self.step - first_step
+        tokens_per_s = trained * self.tokens_per_step / seconds if trained else 0.0
         result = TrainResult(self.step, self.max_steps, self.best_val, self.last_val, self.out,
-                             interrupted, time.perf_counter() - start_time)
+                             interrupted, seconds, tokens_per_s, self._mfu(tokens_per_s))
         self.emit("end", result=result, main=self.dist.is_main)
         distributed.teardown(self.dist)
         return result
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not tokens_per_s or not self.dist.is_main:
+            return None
+        per_token = lora_training_flops_per_token(self.model.config, self.config.data.block_size)
+        peak = measure_matmul_flops(self.device, self.dtype)
+        return tokens_per_s / self.dist.world_size * per_token / peak  # per device
 
     def _evaluate(self, record: dict[str, Any]) -> None:
         val = evaluate(self.model, self.val_windows, self.device)

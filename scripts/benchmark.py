@@ -186,20 +186,11 @@ def worker_machine(args) -> dict:
     """Dense matmul FLOP/s (fp32, bf16) and memory bandwidth (a large copy)."""
     import torch
 
-    out = {}
-    n = 4096 if args.device == "cuda" else 2048
-    for dt in ("float32", "bfloat16"):
-        a = torch.randn(n, n, dtype=_dtype(dt), device=args.device)
-        b = torch.randn(n, n, dtype=_dtype(dt), device=args.device)
-        best = float("inf")
-        for _ in range(5):
-            _sync(args.device)
-            start = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            _sync(args.device)
-            best = min(best, (time.perf_counter() - start) / 4)
-        out[f"matmul_{dt}_tflops"] = 2 * n**3 / best / 1e12
+    from lora_gpt2.flops import measure_matmul_flops
+
+    device = torch.device(args.device)
+    out = {f"matmul_{dt}_tflops": measure_matmul_flops(device, _dtype(dt), repeats=5) / 1e12
+           for dt in ("float32", "bfloat16")}
     x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=args.device).fill_(1.0)
     y = torch.empty_like(x)
     best = float("inf")
@@ -240,14 +231,12 @@ def make_checkpoint(size: str, directory: Path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(directory)
 
 
-def lora_training_flops_per_token(size: str, block: int) -> float:
-    """Forward (2N) + input gradients (2N) of the frozen matmuls, plus attention (fwd + bwd-input).
+def flops_per_token(size: str, block: int) -> float:
+    from lora_gpt2.config import ModelConfig
+    from lora_gpt2.flops import lora_training_flops_per_token
 
-    N counts every matmul weight including lm_head; LoRA's own work is negligible at rank 8.
-    """
-    n_layer, _, d = SIZES[size]
-    n_matmul = n_layer * 12 * d * d + d * 50257
-    return 4 * n_matmul + 8 * n_layer * block * d
+    n_layer, n_head, n_embd = SIZES[size]
+    return lora_training_flops_per_token(ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd), block)
 
 
 def model_bytes(size: str, dtype: str) -> float:
@@ -276,7 +265,8 @@ def run(args) -> dict:
         results[f"startup_{system}"] = spawn(args, "startup", system)
         print(f"  generate/startup {system}: {results[f'generate_{system}']} {results[f'startup_{system}']}",
               file=sys.stderr)
-    flops = lora_training_flops_per_token(args.size, args.block_size)
+    sys.path.insert(0, str(ROOT))
+    flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
     results["derived"] = {
         "flops_per_token": flops,

@@ -129,3 +129,30 @@ def test_block_size_beyond_the_context_is_refused(tiny_checkpoint, text_data, tm
     path, _ = tiny_checkpoint  # n_positions 64
     with pytest.raises(ValueError, match="block_size 128 is longer than the model's context of 64"):
         train(train_config(path, text_data, tmp_path / "run", block_size=128))
+
+
+def test_bfloat16_training_tracks_float32(tiny_checkpoint, text_data, tmp_path):
+    """The bf16 mode's loss curve follows float32's within a tolerance, step by step."""
+    path, _ = tiny_checkpoint
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train(train_config(path, text_data, out, targets=("all",), max_steps=30, lr=1e-2, dtype=dtype,
+                           eval_interval=10, log_interval=1))
+        curves[dtype] = records(out)
+    f32, b16 = curves["float32"], curves["bfloat16"]
+    assert [r["step"] for r in f32] == [r["step"] for r in b16]
+    assert f32[-1]["train_loss"] < f32[0]["train_loss"] - 0.5  # it does learn
+    for a, b in zip(f32, b16):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"], (a, b)
+    for a, b in zip([r for r in f32 if r["val_loss"]], [r for r in b16 if r["val_loss"]]):
+        assert abs(a["val_loss"] - b["val_loss"]) < 0.05 * a["val_loss"]
+
+
+def test_summary_reports_tokens_per_second_and_mfu(tiny_checkpoint, text_data, tmp_path, cli):
+    code, _, err = cli("train", "--model", tiny_checkpoint[0], "--data", text_data, "--out", tmp_path / "r",
+                       "--block-size", "32", "--batch-size", "2", "--max-steps", "3", "--eval-interval", "3",
+                       "--device", "cpu", "--dtype", "float32", "--eval-batches", "1")
+    assert code == 0, err
+    done = next(line for line in err.splitlines() if line.startswith("done: step 3/3"))
+    assert " tokens/s, MFU " in done and "% of this device's dense matmul rate" in done

@@ -192,7 +192,9 @@ class TrainView:
         if not main:
             return
         best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-        say(f"done: step {result.step}/{result.max_steps} in {result.seconds:.1f}s, best val loss {best}")
+        speed = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+        mfu = f", MFU {100 * result.mfu:.0f}% of this device's dense matmul rate" if result.mfu else ""
+        say(f"done: step {result.step}/{result.max_steps} in {result.seconds:.1f}s{speed}{mfu}, best val loss {best}")
         say(f"adapters: {result.out / 'best'} (best val), {result.out / 'last'} (last step, resumable); "
             f"metrics: {result.out / 'metrics.jsonl'}")
 
