@@ -10,7 +10,6 @@ import torch
 from . import checkpoint, peft_io
 from .config import LoRAConfig
 from .errors import CheckpointError
-from .lora import lora_parameters
 from .model import GPT2
 from .weights import load_pretrained
 
@@ -44,18 +43,7 @@ def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     if adapter.kind == "lora-gpt2":
         checkpoint.load_adapter_tensors(model, checkpoint.read_adapter_info(adapter.path))
         return
-    params = lora_parameters(model)
-    tensors = adapter.tensors or {}
-    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise CheckpointError(f"{adapter.path}: {what} (does it cover every layer of this model?)")
-    for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"{adapter.path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                  f"expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensors[name])
+    checkpoint.copy_lora_tensors(model, adapter.tensors or {}, str(adapter.path))
     _check_base_layers(model, adapter)
 
 

@@ -173,16 +173,21 @@ def load_adapter_tensors(model: GPT2, info: AdapterInfo) -> None:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
+    copy_lora_tensors(model, tensors, str(file))
+
+
+def copy_lora_tensors(model: GPT2, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into the model's LoRA parameters: the same names, the same shapes, all of them."""
     params = lora_parameters(model)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
         what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise CheckpointError(f"{file}: {what}")
+        raise CheckpointError(f"{source}: {what}")
     for name, param in params.items():
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
+                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
             )
         with torch.no_grad():
             param.copy_(tensors[name])

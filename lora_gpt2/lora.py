@@ -34,6 +34,33 @@ def _check_lora(r: int, alpha: float | None, dropout: float) -> float:
     return alpha / r
 
 
+class _Mergeable:
+    """Explicit, idempotent merge / unmerge of `delta_weight()` into the frozen weight."""
+
+    weight: nn.Parameter
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        self.weight += self.delta_weight().to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight -= self.delta_weight().to(self.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
 class FrozenLinear(nn.Module):
     """y = x W^T + b with W (out, in) and b frozen."""
 
@@ -57,7 +84,7 @@ class FrozenLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class Linear(FrozenLinear):
+class Linear(_Mergeable, FrozenLinear):
     """A frozen linear layer plus a trainable rank-r update:
 
     forward(x) = linear(x, weight, bias) + (x @ lora_a.T @ lora_b.T) * scaling
@@ -104,23 +131,6 @@ class Linear(FrozenLinear):
         update = F.linear(F.linear(self.dropout(x), a), b)
         return torch.add(out, update, alpha=self.scaling)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self.weight += self.delta_weight().to(self.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weight -= self.delta_weight().to(self.weight.dtype)
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
 
 class FrozenEmbedding(nn.Module):
     """A lookup table with a frozen weight (num_embeddings, embedding_dim)."""
@@ -142,7 +152,7 @@ class FrozenEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class Embedding(FrozenEmbedding):
+class Embedding(_Mergeable, FrozenEmbedding):
     """A frozen embedding plus a trainable rank-r update:
 
     forward(x) = embedding(x, weight) + (embedding(x, lora_a.T) @ lora_b.T) * scaling
@@ -178,23 +188,6 @@ class Embedding(FrozenEmbedding):
         rows = F.embedding(x, self.lora_a.T)  # (.., r)
         update = rows @ self.lora_b.T  # (.., dim)
         return torch.add(out, update.to(out.dtype), alpha=self.scaling)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self.weight += self.delta_weight().to(self.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weight -= self.delta_weight().to(self.weight.dtype)
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
 LORA_LAYERS = (Linear, Embedding)
