@@ -19,10 +19,11 @@ class _FusedLMHeadLoss(torch.autograd.Function):
     """Mean CE of (h @ W^T + scaling * (h @ A^T) @ B^T) against targets; A, B optional (LoRA)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, lora_a, lora_b, scaling, chunk):
+    def forward(ctx, h, weight, targets, lora_a, lora_b, scaling, chunk, grad_enabled):
         n = h.size(0)
-        need_h = ctx.needs_input_grad[0]
-        need_lora = lora_a is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        # forward runs with grad mode off, so the caller says whether gradients are wanted
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_lora = grad_enabled and lora_a is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         a = lora_a.to(h.dtype) if lora_a is not None else None
         b = lora_b.to(h.dtype) if lora_b is not None else None
         grad_h = torch.empty_like(h) if need_h else None
@@ -67,6 +68,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             grad_b * scale if grad_b is not None else None,
             None,
             None,
+            None,
         )
 
 
@@ -82,7 +84,7 @@ def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch
     a = lm_head.lora_a if lora_active else None
     b = lm_head.lora_b if lora_active else None
     scaling = lm_head.scaling if lora_active else 1.0
-    return _FusedLMHeadLoss.apply(flat_h, lm_head.weight, flat_t, a, b, scaling, chunk)
+    return _FusedLMHeadLoss.apply(flat_h, lm_head.weight, flat_t, a, b, scaling, chunk, torch.is_grad_enabled())
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

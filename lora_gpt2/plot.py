@@ -24,6 +24,7 @@ def draw_loss(metrics_path: Path, png_path: Path, title: str = "") -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (used through matplotlib.ticker)
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
@@ -35,6 +36,7 @@ def draw_loss(metrics_path: Path, png_path: Path, title: str = "") -> bool:
         ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.8, linewidth=1.2)
     if val:
         ax.plot(*zip(*val), label="val", color="tab:orange", marker="o", markersize=3, linewidth=1.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title or "lora-gpt2 training loss")

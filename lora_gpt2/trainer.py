@@ -99,10 +99,11 @@ class Trainer:
         self._prepare_out(resume)
         torch.manual_seed(config.run.seed + self.dist.rank)
 
-        if self.dist.is_main:
-            prepared = ensure_prepared(config.data.data)
-        distributed.barrier(self.dist)
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)  # rank 0 prepares the token files first
         prepared = ensure_prepared(config.data.data)
+        if self.dist.is_main:
+            distributed.barrier(self.dist)
         self.train_tokens = open_tokens(prepared.train)
         d = config.data
         self.batches = TrainBatches(self.train_tokens, d.batch_size, d.block_size, config.run.seed,
@@ -309,7 +310,8 @@ class Trainer:
     def _plot(self) -> None:
         if plot_available():
             draw_loss(self.out / "metrics.jsonl", self.out / "loss.png",
-                      title=f"{self.config.model.model} + LoRA r={self.config.model.rank}")
+                      title=f"{Path(self.config.model.model).name} + LoRA r={self.config.model.rank}, "
+                            f"{', '.join(self.model.lora_config.targets)}")
 
 
 def train(config: TrainConfig, *, resume: bool = False, on_event: Events = lambda kind, **kw: None,

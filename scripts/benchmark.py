@@ -77,7 +77,8 @@ def worker_train(args) -> dict:
             model=args.checkpoint, data=args.data, out=tempfile.mkdtemp(), targets=("qkv_projection",),
             rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
-            compile=args.compile, grad_clip=0.0, warmup_steps=0)))
+            compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0)))
+        # the same batches, learning rate and optimiser as the PEFT side below
         trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
 
         def step(i: int) -> float:
