@@ -139,3 +139,14 @@ def test_fingerprint_tells_bases_apart_and_is_stable(tmp_path):
     fa2 = load_pretrained(str(a), dtype=torch.bfloat16).fingerprint
     fb = load_pretrained(str(b)).fingerprint
     assert fa1 == fa2 and fa1 != fb and len(fa1) == 16
+
+
+def test_sharded_safetensors_checkpoint_loads(tmp_path):
+    hf = make_hf_model(seed=4, vocab_size=100)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    model = load_pretrained(str(tmp_path), targets=())
+    idx = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=0, atol=1e-4)
