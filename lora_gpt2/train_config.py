@@ -11,7 +11,7 @@ import math
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -270,7 +270,3 @@ def resolve(*layers: dict[str, dict[str, Any]], base: TrainConfig = TrainConfig(
                 if "epochs" in values and "max_steps" not in values:
                     merged[section]["max_steps"] = None
     return TrainConfig(**{section: cls(**merged[section]) for section, cls in SECTIONS.items()})
-
-
-def with_overrides(config: TrainConfig, **run_values: Any) -> TrainConfig:
-    return replace(config, run=replace(config.run, **run_values))

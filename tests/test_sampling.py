@@ -1,0 +1,47 @@
+"""Sampling rules of next_token: greedy, top-k, top-p, temperature, seeds."""
+
+import pytest
+import torch
+
+from lora_gpt2.generate import SamplingConfig, next_token
+
+LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+
+
+def draws(cfg, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([next_token(LOGITS, cfg, g) for _ in range(n)]).flatten()
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    assert next_token(LOGITS, SamplingConfig(temperature=0), None).item() == 0
+    assert set(draws(SamplingConfig(top_k=1)).tolist()) == {0}
+
+
+def test_top_k_never_leaves_the_k_best():
+    assert set(draws(SamplingConfig(top_k=3)).tolist()) == {0, 1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = LOGITS.softmax(-1)[0]  # 0.63, 0.23, 0.086, ...
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert set(draws(SamplingConfig(top_p=0.7)).tolist()) == {0, 1}
+    assert set(draws(SamplingConfig(top_p=0.5)).tolist()) == {0}  # the best token always stays
+
+
+def test_same_seed_same_tokens_and_high_temperature_flattens():
+    cfg = SamplingConfig(temperature=1.0)
+    assert torch.equal(draws(cfg, seed=3), draws(cfg, seed=3))
+    hot = draws(SamplingConfig(temperature=100.0), n=1200)
+    assert (hot == 5).float().mean() > 0.1  # nearly uniform over 6 tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), "top-k must be >= 1, got 0"),
+    (dict(top_p=0.0), r"top-p must be in \(0, 1\], got 0.0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    (dict(max_new_tokens=-1), "max-new-tokens must be >= 0, got -1"),
+])
+def test_invalid_sampling_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
