@@ -31,6 +31,7 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 def _download(repo_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import logging as hub_logging
 
     def fetch(filename: str) -> Path:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename))
@@ -40,7 +41,7 @@ def _download(repo_id: str) -> Path:
         f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; "
         "pass a local directory holding config.json and model.safetensors with --model PATH"
     )
-    huggingface_hub.utils.logging.set_verbosity_error()  # its retry warnings are not ours to print
+    hub_logging.set_verbosity_error()  # its retry warnings are not ours to print
     try:
         config = fetch("config.json")
         missing_locally = False

@@ -150,3 +150,21 @@ def test_sharded_safetensors_checkpoint_loads(tmp_path):
     idx = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_offline_hub_error_from_a_fresh_process_is_one_line(tmp_path):
+    """A new process has imported nothing from huggingface_hub yet: the path a user takes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "lora_gpt2", "generate", "hi", "--model", "gpt2"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "lora-gpt2: error: model 'gpt2' is not in the Hugging Face cache and the Hub cannot be reached "
+        "(HF_HUB_OFFLINE is set); pass a local directory holding config.json and model.safetensors "
+        "with --model PATH"]
