@@ -26,6 +26,7 @@ class Adapter:
     base_fingerprint: str | None
     meta: dict
     base_layers: dict[str, torch.Tensor]
+    info: checkpoint.AdapterInfo | None = None  # a lora-gpt2 adapter's adapter.json, read once
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -35,13 +36,13 @@ def read_adapter(path: str | Path) -> Adapter:
         return Adapter(path, "peft", lora, tensors, base or "", None, {}, base_layers)
     info = checkpoint.read_adapter_info(path)
     return Adapter(info.path, "lora-gpt2", info.lora, None, info.base_model, info.base_fingerprint,
-                   info.meta, {})
+                   info.meta, {}, info)
 
 
 def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
-    if adapter.kind == "lora-gpt2":
-        checkpoint.load_adapter_tensors(model, checkpoint.read_adapter_info(adapter.path))
+    if adapter.info is not None:
+        checkpoint.load_adapter_tensors(model, adapter.info)
         return
     checkpoint.copy_lora_tensors(model, adapter.tensors or {}, str(adapter.path))
     _check_base_layers(model, adapter)

@@ -142,18 +142,17 @@ def check_prepared(text: Path, info: dict) -> Prepared:
     return Prepared(text, train, val, meta, counts["train"], counts["val"])
 
 
-def is_current(text: Path) -> bool:
-    """True when meta.json describes exactly this text (same sha256) and the .bin files exist."""
+def current_meta(text: Path) -> dict | None:
+    """meta.json when it describes exactly this text (same sha256), else None."""
     info = load_meta(text)
     if info is None:
-        return False
+        return None
     _, digest = read_text(text)
-    return info.get("text_sha256") == digest
+    return info if info.get("text_sha256") == digest else None
 
 
 def ensure_prepared(data: str | Path) -> Prepared:
     """Prepare `data` on first use, and again whenever its text changed."""
     text = text_path(data)
-    if is_current(text):
-        return check_prepared(text, load_meta(text))
-    return prepare(text)
+    info = current_meta(text)
+    return check_prepared(text, info) if info is not None else prepare(text)

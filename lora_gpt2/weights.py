@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .errors import CheckpointError
-from .hub import resolve_checkpoint
+from .hub import WEIGHT_FILES, resolve_checkpoint
 from .model import GPT2
 
 # Our parameter name -> HF key (without the "transformer." prefix).
@@ -121,8 +121,7 @@ def _weight_files(directory: Path) -> list[Path]:
     if legacy.is_file():
         return [legacy]
     raise CheckpointError(
-        f"{directory} has no weights (looked for model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin)"
+        f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})"
     )
 
 

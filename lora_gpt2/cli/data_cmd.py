@@ -34,7 +34,7 @@ def download_data(
     from ..download import (
         TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, RetryPolicy, fetch, is_valid_copy, sha256_of,
     )
-    from ..prepare import check_prepared, is_current, load_meta, prepare
+    from ..prepare import check_prepared, current_meta, prepare
 
     source = url or TINY_SHAKESPEARE_URL
     expected = sha256.lower() if sha256 else (TINY_SHAKESPEARE_SHA256 if source == TINY_SHAKESPEARE_URL else None)
@@ -58,8 +58,9 @@ def download_data(
                   policy=RetryPolicy(attempts=retries + 1))
         say(f"saved {dest}" + (" (sha256 verified)" if expected else ""))
 
-    if not force and is_current(dest):
-        prepared = check_prepared(dest, load_meta(dest))
+    info = None if force else current_meta(dest)
+    if info is not None:
+        prepared = check_prepared(dest, info)
         say("token files are up to date")
     else:
         prepared = prepare(dest, source_url=source, source_sha256=expected or sha256_of(dest))
