@@ -2,56 +2,58 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, peft_io
 from .config import LoRAConfig
+from .devices import pick_device, resolve_dtype
 from .errors import CheckpointError
 from .model import GPT2
-from .weights import load_pretrained
+from .weights import LM_HEAD, hf_key_map, load_pretrained
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter read from disk: its LoRA settings, tensors (by our names) and base model."""
+    """An adapter read from disk, whole and consistent: its settings, tensors (by our names) and base."""
 
     path: Path
     kind: str  # "lora-gpt2" or "peft"
     lora: LoRAConfig
-    tensors: dict[str, torch.Tensor] | None  # None: read lazily from a lora-gpt2 folder
+    tensors: dict[str, torch.Tensor]
     base_model: str
     base_fingerprint: str | None
-    meta: dict
-    base_layers: dict[str, torch.Tensor]
-    info: checkpoint.AdapterInfo | None = None  # a lora-gpt2 adapter's adapter.json, read once
+    meta: dict = field(default_factory=dict)  # a lora-gpt2 adapter's adapter.json
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's saved base weights
+
+    @property
+    def eval_settings(self) -> dict:
+        return self.meta.get("eval") or {}
 
 
 def read_adapter(path: str | Path) -> Adapter:
+    """Read an adapter folder, a run folder (its best/, else last/) or a PEFT folder. Read-only."""
     path = Path(path).expanduser()
     if path.is_dir() and peft_io.is_peft_dir(path):
         lora, tensors, base, base_layers = peft_io.read_peft(path)
         return Adapter(path, "peft", lora, tensors, base or "", None, {}, base_layers)
-    info = checkpoint.read_adapter_info(path)
-    return Adapter(info.path, "lora-gpt2", info.lora, None, info.base_model, info.base_fingerprint,
-                   info.meta, {}, info)
+    ckpt = checkpoint.read_checkpoint(path)
+    info = ckpt.info
+    return Adapter(info.path, "lora-gpt2", info.lora, ckpt.tensors, info.base_model, info.base_fingerprint,
+                   info.meta)
 
 
 def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
-    if adapter.info is not None:
-        checkpoint.load_adapter_tensors(model, adapter.info)
-        return
-    checkpoint.copy_lora_tensors(model, adapter.tensors or {}, str(adapter.path))
+    source = str(adapter.path / (checkpoint.ADAPTER_FILE if adapter.kind == "lora-gpt2" else peft_io.WEIGHTS_FILE))
+    checkpoint.copy_lora_tensors(model, adapter.tensors, source)
     _check_base_layers(model, adapter)
 
 
 def _check_base_layers(model: GPT2, adapter: Adapter) -> None:
     """PEFT saves tied embedding weights beside the adapter; accept them only if unchanged."""
-    from .weights import LM_HEAD, hf_key_map
-
     ours_by_hf = {f"transformer.{theirs}": ours for ours, theirs in hf_key_map(model.config.n_layer).items()}
     ours_by_hf[LM_HEAD] = "lm_head.weight"
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -63,15 +65,22 @@ def _check_base_layers(model: GPT2, adapter: Adapter) -> None:
                                   "lora-gpt2 imports LoRA tensors only")
 
 
-def load_with_adapter(adapter_path: str | None, *, model: str | None = None, dtype=torch.float32,
-                      device="cpu", force: bool = False) -> tuple[GPT2, Adapter | None]:
-    """The base model (from --model, else the adapter's record) with the adapter applied."""
+def load_with_adapter(adapter_path: str | None, *, model: str | None = None, dtype: torch.dtype | str = torch.float32,
+                      device: torch.device | str = "cpu", force: bool = False) -> tuple[GPT2, Adapter | None]:
+    """The base model (from `model`, else the adapter's record) with the adapter applied, in eval mode.
+
+    `dtype` and `device` may be names ("auto", "bfloat16", "cuda", ...), resolved as training does.
+    """
+    if isinstance(device, str):
+        device = pick_device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     adapter = read_adapter(adapter_path) if adapter_path else None
     base = model or (adapter.base_model if adapter else "")
     if not base:
         raise ValueError("no base model: pass --model (the adapter does not name its base)")
     lora = adapter.lora if adapter else LoRAConfig(targets=())
-    net = load_pretrained(base, targets=lora.targets, r=lora.r, alpha=lora.alpha, dtype=dtype, device=device)
+    net = load_pretrained(base, lora=lora, dtype=dtype, device=device)
     if adapter is not None:
         expected = adapter.base_fingerprint
         if expected and expected != net.fingerprint and not force:

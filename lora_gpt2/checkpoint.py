@@ -4,6 +4,11 @@ A checkpoint is a folder: `adapter.safetensors` (the LoRA tensors alone), `adapt
 (everything needed to use it without the training config) and, for `last/`, `state.pt`
 (optimiser, scheduler, step, RNG) for `--resume`. A folder is written under a temporary
 name and swapped in whole, so a crash leaves the previous checkpoint loadable.
+
+Readers never write: `read_checkpoint` reads adapter.json and the tensors of one consistent
+checkpoint into memory (falling back to the previous folder while a swap is under way, and
+reading again if a swap lands between the two files); only the process that owns the run
+(the trainer) recovers interrupted swaps and removes temporaries.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .atomic import TMP_MARK, atomic_open, fsync_dir, remove_stale_temps, write_bytes, write_text
+from .atomic import TMP_MARK, atomic_open, fsync_dir, write_bytes, write_text
 from .config import LoRAConfig
 from .errors import CheckpointError, WriteError
 from .lora import lora_parameters
@@ -31,11 +37,15 @@ ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 STATE_FILE = "state.pt"
 PREVIOUS = ".prev-"
+CHECKPOINT_NAMES = ("best", "last")  # what a run folder holds, in the order a reader prefers
+READ_ATTEMPTS = 6  # a reader that meets a swap in progress reads again (a swap takes milliseconds)
+# adapter.json "eval" settings -> their type (what `lora-gpt2 eval` reproduces the run's numbers with)
+EVAL_SETTINGS = {"data": str, "block_size": int, "batch_size": int, "eval_batches": int}
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What adapter.json says."""
+    """What adapter.json says, checked."""
 
     path: Path
     base_model: str
@@ -43,17 +53,33 @@ class AdapterInfo:
     lora: LoRAConfig
     meta: dict[str, Any]
 
+    @property
+    def eval_settings(self) -> dict[str, Any]:
+        return self.meta.get("eval") or {}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One consistent checkpoint, read into memory: its adapter.json and the tensors it describes."""
+
+    info: AdapterInfo
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
 
 def adapter_meta(model: GPT2, **extra: Any) -> dict[str, Any]:
-    cfg = model.lora_config
+    base = model.base
     return {
         "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
         "lora_gpt2_version": __version__,
-        "base_model": getattr(model, "source", None),
-        "base_fingerprint": getattr(model, "fingerprint", None),
+        "base_model": base.source if base else None,
+        "base_fingerprint": base.fingerprint if base else None,
         "base_config": asdict(model.config),
-        "lora": {"targets": list(cfg.targets), "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout},
+        "lora": model.lora_config.to_dict(),
         "tokenizer": "gpt2",
         **extra,
     }
@@ -106,7 +132,7 @@ def _swap_in(tmp: Path, directory: Path) -> None:
 
 
 def recover_checkpoint(directory: Path) -> None:
-    """Finish or undo a swap that a crash interrupted; drop stale temporaries."""
+    """Finish or undo a swap that a crash interrupted. For the run's owner only: readers never call it."""
     directory = Path(directory)
     previous = directory.with_name(PREVIOUS + directory.name)
     if previous.exists():
@@ -114,70 +140,135 @@ def recover_checkpoint(directory: Path) -> None:
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(previous, directory)
-    remove_stale_temps(directory.parent)
 
 
-def read_adapter_info(path: str | Path) -> AdapterInfo:
-    """Find and check adapter.json in an adapter folder or a run folder (then its best/ or last/)."""
-    directory = find_adapter_dir(path)
-    meta_path = directory / META_FILE
+def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
+    """Check adapter.json's bytes: every field a reader relies on, by name and type."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_path} is not valid JSON (truncated or corrupted?)") from None
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{meta_path} is not a lora-gpt2 adapter description")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{meta_path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path} has format version {version!r}, newer than this lora-gpt2 "
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade lora-gpt2"
         )
-    lora = meta.get("lora") or {}
+    for key in ("base_model", "base_fingerprint", "adapter_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise CheckpointError(f"{meta_path}: {key} must be a string, got {meta[key]!r}")
+    lora = meta.get("lora")
+    if not isinstance(lora, dict):
+        raise CheckpointError(f"{meta_path}: lora must be an object with targets and r, got {lora!r}")
     try:
         cfg = LoRAConfig(targets=tuple(lora["targets"]), r=lora["r"], alpha=lora.get("alpha"),
                          dropout=lora.get("dropout", 0.0))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path} has invalid LoRA settings ({exc})") from None
-    return AdapterInfo(directory, meta.get("base_model") or "", meta.get("base_fingerprint"), cfg, meta)
+    settings = meta.get("eval")
+    if settings is not None and not isinstance(settings, dict):
+        raise CheckpointError(f"{meta_path}: eval must be an object, got {settings!r}")
+    for key, kind in EVAL_SETTINGS.items():
+        value = (settings or {}).get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(f"{meta_path}: eval.{key} must be {'a string' if kind is str else 'an integer'}, "
+                                  f"got {value!r}")
+    return AdapterInfo(meta_path.parent, meta.get("base_model") or "", meta.get("base_fingerprint"), cfg, meta)
+
+
+def _candidates(path: Path):
+    yield path
+    if path.name in CHECKPOINT_NAMES:  # a checkpoint folder mid-swap: its previous version
+        yield path.with_name(PREVIOUS + path.name)
+    for name in CHECKPOINT_NAMES:  # a run folder
+        yield path / name
+        yield path / (PREVIOUS + name)
 
 
 def find_adapter_dir(path: str | Path) -> Path:
+    """The checkpoint folder a path names: itself, or a run's best/ (else last/). Read-only.
+
+    While the trainer swaps a checkpoint in, the folder is briefly absent and its previous
+    version sits under `.prev-NAME`: a reader uses that one rather than touching anything.
+    """
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"adapter {str(path)!r} does not exist")
     if path.is_file():
         path = path.parent
-    for name in ("best", "last"):
-        if (path / f"{PREVIOUS}{name}").exists():
-            recover_checkpoint(path / name)
-    for candidate in (path, path / "best", path / "last"):
+    for candidate in _candidates(path):
         if (candidate / META_FILE).is_file():
             return candidate
+    if not path.exists():
+        raise CheckpointError(f"adapter {str(path)!r} does not exist")
     raise CheckpointError(f"{path} holds no adapter ({META_FILE} and {ADAPTER_FILE} are missing)")
 
 
-def load_adapter_tensors(model: GPT2, info: AdapterInfo) -> None:
-    """Copy the adapter's tensors into the model's LoRA parameters, strictly."""
+def read_adapter_info(path: str | Path) -> AdapterInfo:
+    """adapter.json of the checkpoint that `path` names (see find_adapter_dir), checked."""
+    return read_checkpoint(path).info
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """adapter.json and the tensors of one consistent checkpoint, checked against its sha256.
+
+    A swap that lands between reading the two files makes them disagree; then both are read
+    again, a few times, before the mismatch is reported as damage.
+    """
+    problem: CheckpointError | None = None
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(0.01 * 2 ** min(attempt, 5))
+        try:
+            return _read_once(path)
+        except _Torn as exc:
+            problem = exc.error
+    assert problem is not None
+    raise problem
+
+
+class _Torn(Exception):
+    """The files disagree or vanished mid-read: perhaps a swap, so worth reading again."""
+
+    def __init__(self, error: CheckpointError) -> None:
+        self.error = error
+
+
+def _read_once(path: str | Path) -> Checkpoint:
+    directory = find_adapter_dir(path)
+    meta_path, file = directory / META_FILE, directory / ADAPTER_FILE
+    try:
+        raw_meta = meta_path.read_bytes()
+        data = file.read_bytes()
+    except FileNotFoundError:
+        error = CheckpointError(f"{directory} has {META_FILE} but no {ADAPTER_FILE}")
+        raise _Torn(error) from None
+    info = parse_meta(raw_meta, meta_path)
+    expected_sha = info.meta.get("adapter_sha256")
+    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise _Torn(CheckpointError(f"{file} does not match the sha256 in {META_FILE} (corrupted or truncated)"))
+    return Checkpoint(info, _tensors_from_bytes(data, file))
+
+
+def _tensors_from_bytes(data: bytes, file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    file = info.path / ADAPTER_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{info.path} has {META_FILE} but no {ADAPTER_FILE}")
-    data = file.read_bytes()
-    expected_sha = info.meta.get("adapter_sha256")
-    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
-        raise CheckpointError(f"{file} does not match the sha256 in {META_FILE} (corrupted or truncated)")
     try:
-        tensors = load(data)
+        return load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
-    copy_lora_tensors(model, tensors, str(file))
+
+
+def load_adapter_tensors(model: GPT2, checkpoint: Checkpoint) -> None:
+    """Copy a checkpoint's tensors into the model's adapter parameters, strictly."""
+    copy_lora_tensors(model, checkpoint.tensors, str(checkpoint.path / ADAPTER_FILE))
 
 
 def copy_lora_tensors(model: GPT2, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into the model's LoRA parameters: the same names, the same shapes, all of them."""
+    """Copy `tensors` into the model's adapter parameters: the same names, the same shapes, all of them."""
     params = lora_parameters(model)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))

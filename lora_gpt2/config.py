@@ -6,22 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-# Module names of the reference design, used both in the model and as `--targets` values.
-TARGETS = (
-    "token_embedding",
-    "position_embedding",
-    "qkv_projection",
-    "output_projection",
-    "linear_in",
-    "linear_out",
-    "lm_head",
-)
-TARGET_GROUPS = {
-    "attn": ("qkv_projection", "output_projection"),
-    "ffn": ("linear_in", "linear_out"),
-    "embeddings": ("token_embedding", "position_embedding"),
-    "all": TARGETS,
-}
+from .layout import TARGET_GROUPS, TARGETS
+
+# Choices of `--dtype` / `--device` (resolved in devices.py, which needs torch).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_targets(names: Iterable[str] | str) -> tuple[str, ...]:
@@ -90,22 +79,36 @@ ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "ta
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Which modules get a LoRA update, and its rank, alpha and dropout."""
+    """Which modules get a LoRA update, and its rank, alpha and dropout.
+
+    The one place these settings are checked: the layers, the training config and every
+    reader of an adapter build a LoRAConfig. `alpha=None` means alpha = r (scaling 1).
+    """
 
     targets: tuple[str, ...] = ("qkv_projection",)
     r: int = 8
-    alpha: float | None = None  # None means alpha = r, i.e. scaling 1
+    alpha: float | None = None
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"rank r must be >= 1, got {self.r!r}")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not (math.isfinite(self.alpha) and self.alpha > 0)):
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not (0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
+    def alpha_value(self) -> float:
+        """The alpha in force: `alpha`, or r when none was given."""
+        return self.r if self.alpha is None else self.alpha
+
+    @property
     def scaling(self) -> float:
-        return (self.r if self.alpha is None else self.alpha) / self.r
+        return self.alpha_value / self.r
+
+    def to_dict(self) -> dict:
+        return {"targets": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout}

@@ -59,7 +59,7 @@ class TrainBatches:
         return _windows(self.tokens, mine, self.block_size)
 
 
-def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int,
+def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int,
                  split: str = "val"):
     """Deterministic, evenly spaced windows over `tokens`: the same for every evaluation."""
     needed = block_size + 1

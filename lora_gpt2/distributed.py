@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from .devices import pick_device
 
 
 @dataclass(frozen=True)
@@ -25,23 +29,6 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "auto":
-        if torch.cuda.is_available():
-            choice = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            choice = "mps"
-        else:
-            choice = "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' was asked for but MPS is not available")
-    return torch.device(choice)
-
-
 def setup(device_choice: str) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,10 +43,26 @@ def setup(device_choice: str) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, clean: bool = True) -> None:
     if d.enabled and dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing files; leave together
+        if clean:
+            dist.barrier()  # rank 0 may still be writing files; leave together
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_choice: str) -> Iterator[Dist]:
+    """Join the process group for the block and leave it on every exit: success, error or signal.
+
+    After an error the other ranks may never reach a barrier, so only a clean exit waits for them.
+    """
+    d = setup(device_choice)
+    clean = False
+    try:
+        yield d
+        clean = True
+    finally:
+        teardown(d, clean)
 
 
 def any_rank(d: Dist, flag: bool) -> bool:

@@ -1,13 +1,19 @@
-"""Sampling with a KV cache: each new token costs one position's work."""
+"""Sampling with a KV cache (each new token costs one position's work), and a text session on top.
+
+`generate` yields token ids; `GenerationSession` turns a prompt into streamed text pieces
+(incremental UTF-8 decoding, stop handling): what the CLI and a server call.
+"""
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from . import tokenizer
 from .model import GPT2, KVCache
 
 
@@ -17,7 +23,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     top_p: float = 1.0
-    stop_token: int | None = None  # stop a sample once it produces this token
+    stop_token: int | None = None  # end a sample at this token (it is not part of the output)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -60,27 +66,27 @@ def generate(
     prompt: list[int],
     cfg: SamplingConfig,
     *,
-    batch: int = 1,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of each of `batch` samples (B,), one step at a time.
+) -> Iterator[int]:
+    """Yield new token ids one at a time, up to `max_new_tokens`, ending before `stop_token`.
 
-    When the sequence fills the model's context, the cache is rebuilt from the most
-    recent `window_length` tokens and generation goes on.
+    When the sequence fills the model's context, the cache is rebuilt from the most recent
+    `window_length` tokens (positions are absolute, so cached keys cannot simply shift).
     """
     context = model.config.n_positions
     if not prompt:
         raise ValueError("the prompt is empty; it needs at least one token")
     device = model.token_embedding.weight.device
-    tokens = torch.tensor(prompt, dtype=torch.long, device=device).expand(batch, -1)
-    if tokens.size(1) > context:
-        tokens = tokens[:, -window_length(context) :]
-    cache = KVCache.empty(model.config, batch, model.frozen_dtype(), device)
-    logits = model(tokens, cache)[:, -1]  # (B, V)
-    history = tokens
+    history = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    if history.size(1) > context:
+        history = history[:, -window_length(context) :]
+    cache = KVCache.empty(model.config, 1, model.frozen_dtype(), device)
+    logits = model(history, cache)[:, -1]  # (1, V)
     for step in range(cfg.max_new_tokens):
-        token = next_token(logits, cfg, generator)  # (B,)
-        yield token
+        token = next_token(logits, cfg, generator)  # (1,)
+        if cfg.stop_token is not None and int(token) == cfg.stop_token:
+            return
+        yield int(token)
         if step == cfg.max_new_tokens - 1:
             return  # no forward pass for a token nobody will read
         history = torch.cat([history, token[:, None]], dim=1)
@@ -90,3 +96,63 @@ def generate(
             logits = model(history, cache)[:, -1]
         else:
             logits = model(token[:, None], cache)[:, -1]
+
+
+class TextStream:
+    """Text pieces of one completion as they are generated; `tokens` and `finish_reason` once done.
+
+    A piece is whatever the new token completes: bytes of a character split across tokens wait
+    for the rest, so every piece is valid text.
+    """
+
+    def __init__(self, tokens: Iterator[int], max_new_tokens: int) -> None:
+        self._tokens = tokens
+        self._max = max_new_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "length" or "stop"
+
+    def __iter__(self) -> Iterator[str]:
+        enc = tokenizer.get_encoding()
+        for token in self._tokens:
+            self.tokens.append(token)
+            piece = self._decoder.decode(enc.decode_single_token_bytes(token))
+            if piece:
+                yield piece
+        rest = self._decoder.decode(b"", final=True)
+        if rest:
+            yield rest
+        self.finish_reason = "length" if len(self.tokens) == self._max else "stop"
+
+
+class GenerationSession:
+    """A loaded model that completes text prompts: load once, then stream as many completions as asked."""
+
+    def __init__(self, model: GPT2) -> None:
+        self.model = model
+        self.device = model.token_embedding.weight.device
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's tokens; an empty prompt starts a new document (<|endoftext|>)."""
+        return tokenizer.encode(prompt) or [tokenizer.EOT_ID]
+
+    def generator(self, seed: int) -> torch.Generator:
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def stream(self, prompt: str | list[int], cfg: SamplingConfig,
+               generator: torch.Generator | None = None) -> TextStream:
+        """Text pieces continuing `prompt` (text or token ids), sampled as `cfg` says."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        context = self.model.config.n_positions
+        if cfg.max_new_tokens == 0 and len(ids) > context:
+            raise ValueError(f"prompt has {len(ids)} tokens, longer than the model's context of "
+                             f"{context}, and --max-new-tokens is 0")
+        return TextStream(generate(self.model, ids, cfg, generator=generator), cfg.max_new_tokens)
+
+    def complete(self, prompt: str | list[int], cfg: SamplingConfig,
+                 generator: torch.Generator | None = None) -> tuple[str, TextStream]:
+        """(the whole completion, its stream with tokens and finish_reason)."""
+        stream = self.stream(prompt, cfg, generator)
+        return "".join(stream), stream

@@ -10,10 +10,13 @@ update: a module that is not a LoRA target carries no LoRA parameters at all.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import LoRAConfig
 
 
 def _check_size(name: str, value: int) -> None:
@@ -21,24 +24,59 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_lora(r: int, alpha: float | None, dropout: float) -> float:
-    """Validate the LoRA arguments and return the scaling alpha / r."""
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"rank r must be >= 1, got {r!r}")
-    if alpha is None:
-        alpha = r
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    return alpha / r
+@dataclass(frozen=True)
+class LowRankTerms:
+    """What the fused lm_head loss may use: out = linear(x, weight) + scaling * linear(linear(x, a), b).
+
+    `lora_a` / `lora_b` are None when the layer adds nothing (no update, merged, or disabled).
+    """
+
+    weight: torch.Tensor
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scaling: float = 1.0
 
 
-class _Mergeable:
-    """Explicit, idempotent merge / unmerge of `delta_weight()` into the frozen weight."""
+class AdapterLayer:
+    """The interface every adapter layer declares. Freezing, counting, saving, loading, merging,
+    the fused loss and PEFT export all go through it, never through attribute names; a variant
+    with other parameters or other maths is one new class implementing these methods.
+    """
+
+    merged: bool
+    active: bool  # False: behave as the frozen layer (see GPT2.lora_disabled)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors, by local name ("lora_a", ...): what is trained and saved."""
+        raise NotImplementedError
+
+    def reset_adapter_parameters(self) -> None:
+        """Initialise the trainable tensors so that the layer equals the frozen one."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Fold the update into the frozen weight (explicit, idempotent)."""
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        """Undo `merge` (idempotent)."""
+        raise NotImplementedError
+
+    def low_rank_terms(self) -> LowRankTerms | None:
+        """The terms the fused loss may use instead of `forward`, or None when it must call `forward`."""
+        return None
+
+    def materialize(self, device: str | torch.device) -> None:
+        """Real, freshly initialised float32 adapter tensors for a layer built on the meta device."""
+        for name, param in self.adapter_params().items():
+            setattr(self, name, nn.Parameter(torch.empty(param.shape, device=device)))
+        self.reset_adapter_parameters()
+
+
+class _AdditiveUpdate(AdapterLayer):
+    """Merge / unmerge for updates that add `delta_weight()` to the frozen weight (plain LoRA)."""
 
     weight: nn.Parameter
-    merged: bool
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -56,6 +94,9 @@ class _Mergeable:
             return
         self.weight -= self.delta_weight().to(self.weight.dtype)
         self.merged = False
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
@@ -84,7 +125,7 @@ class FrozenLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class Linear(_Mergeable, FrozenLinear):
+class Linear(_AdditiveUpdate, FrozenLinear):
     """A frozen linear layer plus a trainable rank-r update:
 
     forward(x) = linear(x, weight, bias) + (x @ lora_a.T @ lora_b.T) * scaling
@@ -100,21 +141,27 @@ class Linear(_Mergeable, FrozenLinear):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_features, out_features, bias)
-        self.scaling = _check_lora(r, alpha, dropout)
-        self.r = r
-        self.alpha = r if alpha is None else alpha
+        cfg = LoRAConfig(targets=(), r=r, alpha=alpha, dropout=dropout)  # the one validator
+        self.r, self.alpha, self.scaling = r, cfg.alpha_value, cfg.scaling
         self.lora_a = nn.Parameter(torch.empty(r, in_features))
         self.lora_b = nn.Parameter(torch.empty(out_features, r))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.active = True  # False: behave as the frozen layer (see GPT2.lora_disabled)
-        self.reset_lora_parameters()
+        self.active = True
+        self.reset_adapter_parameters()
 
-    def reset_lora_parameters(self) -> None:
+    def reset_adapter_parameters(self) -> None:
         if self.lora_a.is_meta:
-            return  # shapes only; weights.materialize_lora initialises the real tensors
+            return  # shapes only; `materialize` initialises the real tensors
         nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
         nn.init.zeros_(self.lora_b)
+
+    def low_rank_terms(self) -> LowRankTerms | None:
+        if self.merged or not self.active:
+            return LowRankTerms(self.weight)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None  # the dropout mask is needed again in backward: use forward
+        return LowRankTerms(self.weight, self.lora_a, self.lora_b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update folded into `weight` by merge: (out, in)."""
@@ -152,7 +199,7 @@ class FrozenEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class Embedding(_Mergeable, FrozenEmbedding):
+class Embedding(_AdditiveUpdate, FrozenEmbedding):
     """A frozen embedding plus a trainable rank-r update:
 
     forward(x) = embedding(x, weight) + (embedding(x, lora_a.T) @ lora_b.T) * scaling
@@ -162,18 +209,17 @@ class Embedding(_Mergeable, FrozenEmbedding):
         self, num_embeddings: int, embedding_dim: int, r: int, alpha: float | None = None
     ) -> None:
         super().__init__(num_embeddings, embedding_dim)
-        self.scaling = _check_lora(r, alpha, 0.0)
-        self.r = r
-        self.alpha = r if alpha is None else alpha
+        cfg = LoRAConfig(targets=(), r=r, alpha=alpha)
+        self.r, self.alpha, self.scaling = r, cfg.alpha_value, cfg.scaling
         self.lora_a = nn.Parameter(torch.empty(r, num_embeddings))
         self.lora_b = nn.Parameter(torch.empty(embedding_dim, r))
         self.merged = False
         self.active = True
-        self.reset_lora_parameters()
+        self.reset_adapter_parameters()
 
-    def reset_lora_parameters(self) -> None:
+    def reset_adapter_parameters(self) -> None:
         if self.lora_a.is_meta:
-            return  # shapes only; weights.materialize_lora initialises the real tensors
+            return  # shapes only; `materialize` initialises the real tensors
         nn.init.normal_(self.lora_a)
         nn.init.zeros_(self.lora_b)
 
@@ -190,25 +236,34 @@ class Embedding(_Mergeable, FrozenEmbedding):
         return torch.add(out, update.to(out.dtype), alpha=self.scaling)
 
 
-LORA_LAYERS = (Linear, Embedding)
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer of `model`, by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The one definition of a LoRA parameter: `lora_a` / `lora_b` of a LoRA layer.
+    """The one definition of a trainable adapter tensor: what each adapter layer declares.
 
-    Freezing, counting, saving and the tests all go through this function.
+    Freezing, counting, saving, loading and the tests all go through this function.
     """
     params: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, LORA_LAYERS):
-            prefix = f"{module_name}." if module_name else ""
-            params[f"{prefix}lora_a"] = module.lora_a
-            params[f"{prefix}lora_b"] = module.lora_b
+    for module_name, layer in adapter_layers(model).items():
+        prefix = f"{module_name}." if module_name else ""
+        params.update({prefix + local: p for local, p in layer.adapter_params().items()})
     return params
 
 
+def head_terms(module: nn.Module) -> LowRankTerms | None:
+    """The fused loss's view of an output layer: its terms, or None to call its forward."""
+    if isinstance(module, AdapterLayer):
+        return module.low_rank_terms()
+    if isinstance(module, FrozenLinear):
+        return LowRankTerms(module.weight)
+    return None
+
+
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze everything, then let gradients flow into the LoRA parameters alone."""
+    """Freeze everything, then let gradients flow into the adapter tensors alone."""
     for param in model.parameters():
         param.requires_grad_(False)
     for param in lora_parameters(model).values():
@@ -216,6 +271,6 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(LoRA parameters, all parameters), each shared tensor counted once."""
+    """(adapter parameters, all parameters), each shared tensor counted once."""
     lora = sum(p.numel() for p in lora_parameters(model).values())
     return lora, sum(p.numel() for p in model.parameters())  # parameters() skips duplicates

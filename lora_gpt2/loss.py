@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lora import head_terms
+
 CHUNK_TOKENS = 256
 
 
@@ -74,22 +76,16 @@ class _FusedLMHeadLoss(torch.autograd.Function):
 
 def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
                        chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token loss of hidden states h (B, T, d) through `lm_head` against targets (B, T)."""
+    """Mean next-token loss of hidden states h (B, T, d) through `lm_head` against targets (B, T).
+
+    The output layer says what the fused path may use (`lora.head_terms`); a layer that cannot
+    say (dropout on its LoRA input while training, a variant with other maths) is computed
+    through its own forward, which is always right, only not as lean.
+    """
     flat_h = h.reshape(-1, h.size(-1))  # (B*T, d)
     flat_t = targets.reshape(-1)  # (B*T,)
-    lora_active = getattr(lm_head, "lora_a", None) is not None and lm_head.active and not lm_head.merged
-    if lora_active and lm_head.training and isinstance(lm_head.dropout, torch.nn.Dropout):
-        # dropout on lm_head's LoRA input needs its mask in backward: take the plain path
+    terms = head_terms(lm_head)
+    if terms is None:
         return F.cross_entropy(lm_head(flat_h).float(), flat_t)
-    a = lm_head.lora_a if lora_active else None
-    b = lm_head.lora_b if lora_active else None
-    scaling = lm_head.scaling if lora_active else 1.0
-    return _FusedLMHeadLoss.apply(flat_h, lm_head.weight, flat_t, a, b, scaling, chunk, torch.is_grad_enabled())
-
-
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the model's predictions for x (B, T) against targets y (B, T).
-
-    Goes through the model's own forward (`targets=`), so DDP and torch.compile see it.
-    """
-    return model(x, targets=y)
+    return _FusedLMHeadLoss.apply(flat_h, terms.weight, flat_t, terms.lora_a, terms.lora_b, terms.scaling,
+                                  chunk, torch.is_grad_enabled())

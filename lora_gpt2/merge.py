@@ -14,14 +14,17 @@ from pathlib import Path
 import torch
 
 from .atomic import write_bytes, write_text
-from .hub import resolve_checkpoint
+from .errors import CheckpointError
 from .model import GPT2
 from .tokenizer import ASSETS
 from .weights import LM_HEAD, hf_key_map, is_transposed
 
 
 def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
-    """(HF state dict with the updates folded in, whether lm_head stays tied)."""
+    """(HF state dict with the updates folded in, whether lm_head stays tied).
+
+    The model is merged for the copy and unmerged after it: the caller's model is unchanged.
+    """
     model.merge()
     try:
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -30,7 +33,7 @@ def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
             tensor = params[ours].detach()
             # HF Conv1D stores (in, out); our Linear holds (out, in)
             state[f"transformer.{theirs}"] = (tensor.T if is_transposed(theirs) else tensor).contiguous().clone()
-        tied = model.tied
+        tied = model.tied  # merge unties the pair when either half carries an update
         if not tied:
             state[LM_HEAD] = model.lm_head.weight.detach().contiguous().clone()
         return state, tied
@@ -38,15 +41,16 @@ def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
         model.unmerge()
 
 
-def write_merged(model: GPT2, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+def write_merged(model: GPT2, out_dir: Path) -> Path:
     """Write config.json, model.safetensors and the tokenizer files into `out_dir`."""
     from safetensors.torch import save
 
+    if model.base is None:
+        raise CheckpointError("the model has no base checkpoint to take config.json from; "
+                              "load it with load_pretrained")
     state, tied = merged_state_dict(model)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads((resolve_checkpoint(model.source) / "config.json").read_text())
+    config = dict(model.base.hf_config)
     config["tie_word_embeddings"] = tied
     config["architectures"] = ["GPT2LMHeadModel"]
     write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt"}))

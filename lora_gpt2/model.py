@@ -8,8 +8,9 @@ or float16; LoRA parameters stay float32.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,25 @@ def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
     return lora.FrozenEmbedding(num, dim)
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """Which pretrained weights a model holds: declared once by the loader, read by every writer."""
+
+    source: str  # what the user named: a Hub id or a directory
+    directory: Path  # where config.json and the weights were read
+    fingerprint: str  # of the weights (see weights.load_into)
+    hf_config: dict[str, Any] = field(default_factory=dict)  # config.json as read, for merged copies
+
+
+@dataclass
+class LayerKV:
+    """One layer's slice of a KVCache: where its keys and values go, from position `start`."""
+
+    keys: torch.Tensor  # (B, nh, T_max, hs)
+    values: torch.Tensor
+    start: int
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for positions [0, length): (B, nh, T_max, hs) each."""
@@ -46,6 +66,9 @@ class KVCache:
         make = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
         return cls([make() for _ in range(config.n_layer)], [make() for _ in range(config.n_layer)])
 
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.keys[i], self.values[i], self.length)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
@@ -55,9 +78,7 @@ class Attention(nn.Module):
         self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg)
         self.output_projection = _linear("output_projection", d, d, True, lora_cfg)
 
-    def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.qkv_projection(x)  # (B, T, 3C)
@@ -65,14 +86,14 @@ class Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is None:
+        if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + T] = k
-            cache.values[layer][:, :, start : start + T] = v
-            k = cache.keys[layer][:, :, : start + T]  # (B, nh, start+T, hs)
-            v = cache.values[layer][:, :, : start + T]
+            start = kv.start
+            kv.keys[:, :, start : start + T] = k
+            kv.values[:, :, start : start + T] = v
+            k = kv.keys[:, :, : start + T]  # (B, nh, start+T, hs)
+            v = kv.values[:, :, : start + T]
             if T == 1:  # one new token attends to everything cached: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             else:  # new query i sits at position start + i and sees keys j <= start + i
@@ -102,8 +123,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.ffn = FeedForward(config, lora_cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.attn_norm(x), cache, layer)
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -120,6 +141,8 @@ class GPT2(nn.Module):
         self.blocks = nn.ModuleList(Block(config, lora_cfg) for _ in range(config.n_layer))
         self.final_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = _linear("lm_head", config.n_embd, config.vocab_size, False, lora_cfg)
+        self.base: BaseModel | None = None  # set by weights.load_pretrained
+        self._untied_by_merge = False
         self.tie_weights()
         lora.mark_only_lora_trainable(self)
 
@@ -144,7 +167,7 @@ class GPT2(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.length = start + T
         return self.final_norm(x)
@@ -161,27 +184,36 @@ class GPT2(nn.Module):
             return fused_lm_head_loss(h, self.lm_head, targets)
         return self.lm_head(h)
 
-    def lora_layers(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.named_modules() if isinstance(m, lora.LORA_LAYERS)}
+    def lora_layers(self) -> dict[str, lora.AdapterLayer]:
+        return lora.adapter_layers(self)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.base.fingerprint if self.base else None
 
     def merge(self) -> None:
         """Fold every LoRA update into its frozen weight (explicit; idempotent).
 
         When the tied pair token_embedding / lm_head carries an update, lm_head gets its own
         copy of the weight first: folding both updates into one shared tensor would be wrong.
+        `unmerge` ties them again, so merge + unmerge leaves the model as it was.
         """
         if self.tied and any(
-            isinstance(m, lora.LORA_LAYERS) for m in (self.token_embedding, self.lm_head)
+            isinstance(m, lora.AdapterLayer) for m in (self.token_embedding, self.lm_head)
         ):
             self.lm_head.weight = nn.Parameter(
                 self.token_embedding.weight.detach().clone(), requires_grad=False
             )
+            self._untied_by_merge = True
         for layer in self.lora_layers().values():
             layer.merge()
 
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():
             layer.unmerge()
+        if self._untied_by_merge:  # the copy made for merging goes; the pair is one tensor again
+            self.lm_head.weight = self.token_embedding.weight
+            self._untied_by_merge = False
 
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import layout
 from .atomic import write_bytes, write_text
 from .config import LoRAConfig
 from .errors import CheckpointError
@@ -23,28 +24,14 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 
-# our module (with {i} for the block) -> HF module path in GPT2LMHeadModel
-MODULES = {
-    "token_embedding": "transformer.wte",
-    "position_embedding": "transformer.wpe",
-    "blocks.{i}.attn.qkv_projection": "transformer.h.{i}.attn.c_attn",
-    "blocks.{i}.attn.output_projection": "transformer.h.{i}.attn.c_proj",
-    "blocks.{i}.ffn.linear_in": "transformer.h.{i}.mlp.c_fc",
-    "blocks.{i}.ffn.linear_out": "transformer.h.{i}.mlp.c_proj",
-    "lm_head": "lm_head",
+# (layer kind, our adapter tensor name) -> PEFT's tensor suffix. An adapter tensor with no row
+# here has no PEFT equivalent and is refused by name, never written wrong.
+TENSOR_SUFFIXES = {
+    ("embedding", "lora_a"): "lora_embedding_A",
+    ("embedding", "lora_b"): "lora_embedding_B",
+    ("linear", "lora_a"): "lora_A.weight",
+    ("linear", "lora_b"): "lora_B.weight",
 }
-# our target name -> PEFT target_modules entry (a suffix match, so "attn.c_proj" never hits mlp)
-TARGET_MODULES = {
-    "token_embedding": "wte",
-    "position_embedding": "wpe",
-    "qkv_projection": "attn.c_attn",
-    "output_projection": "attn.c_proj",
-    "linear_in": "mlp.c_fc",
-    "linear_out": "mlp.c_proj",
-    "lm_head": "lm_head",
-}
-EMBEDDINGS = ("token_embedding", "position_embedding")
-CONV1D = ("qkv_projection", "output_projection", "linear_in", "linear_out")
 # adapter_config.json fields that change the arithmetic: refused by name unless at this value
 UNSUPPORTED = {
     "use_dora": (False, None),
@@ -65,21 +52,20 @@ def is_peft_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def _suffix(kind: str, half: str) -> str:
-    """PEFT's tensor suffix for lora_a / lora_b of a linear or embedding module."""
-    letter = "A" if half == "lora_a" else "B"
-    return f"lora_embedding_{letter}" if kind == "embedding" else f"lora_{letter}.weight"
+def _kind(module: layout.Module) -> str:
+    return "embedding" if module.kind == "embedding" else "linear"
 
 
 def our_to_peft_names(n_layer: int) -> dict[str, str]:
-    """Every possible LoRA tensor name of ours -> PEFT's key."""
+    """Every adapter tensor name of ours that PEFT can hold -> PEFT's key."""
     names = {}
-    for ours, theirs in MODULES.items():
-        target = ours.rsplit(".", 1)[-1]
-        kind = "embedding" if target in EMBEDDINGS else "linear"
-        for i in range(n_layer) if "{i}" in ours else [None]:
-            for half in ("lora_a", "lora_b"):
-                names[f"{ours.format(i=i)}.{half}"] = f"{PREFIX}{theirs.format(i=i)}.{_suffix(kind, half)}"
+    for module in layout.MODULES:
+        if module.target is None:
+            continue
+        for ours, theirs in layout.module_paths(module, n_layer):
+            for (kind, local), suffix in TENSOR_SUFFIXES.items():
+                if kind == _kind(module):
+                    names[f"{ours}.{local}"] = f"{PREFIX}{theirs}.{suffix}"
     return names
 
 
@@ -89,11 +75,11 @@ def peft_config(lora: LoRAConfig, base_model: str | None) -> dict[str, Any]:
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": lora.r,
-        "lora_alpha": lora.r if lora.alpha is None else lora.alpha,
+        "lora_alpha": lora.alpha_value,
         "lora_dropout": lora.dropout,
-        "target_modules": [TARGET_MODULES[t] for t in lora.targets],
+        "target_modules": [layout.BY_TARGET[t].peft_target for t in lora.targets],
         # GPT-2's Conv1D stores (in, out); PEFT needs this to merge them (it resets it per layer)
-        "fan_in_fan_out": any(t in CONV1D for t in lora.targets),
+        "fan_in_fan_out": any(layout.BY_TARGET[t].kind == "conv1d" for t in lora.targets),
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
@@ -108,24 +94,26 @@ def export_peft(tensors: dict[str, torch.Tensor], lora: LoRAConfig, n_layer: int
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel loads."""
     from safetensors.torch import save
 
-    missing = [t for t in lora.targets if t not in TARGET_MODULES]
-    if missing:
-        raise CheckpointError(f"target {missing[0]!r} has no PEFT equivalent; refusing to write a wrong file")
     names = our_to_peft_names(n_layer)
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise CheckpointError(f"adapter tensor {unknown[0]!r} has no PEFT equivalent; refusing to write a wrong file")
     converted = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / WEIGHTS_FILE, save(converted, metadata={"format": "pt"}))
     write_text(out_dir / CONFIG_FILE, json.dumps(peft_config(lora, base_model), indent=2) + "\n")
 
 
-def read_peft(directory: Path, n_layer_hint: int | None = None):
+def read_peft(directory: Path):
     """(LoRAConfig, tensors by our names, base model, base-layer tensors) from a PEFT folder."""
     config_path = directory / CONFIG_FILE
     try:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{config_path} is not valid JSON") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} is not a PEFT adapter config (a JSON object)")
+    if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
     for field, allowed in UNSUPPORTED.items():
         if field in raw and raw[field] not in allowed:
@@ -135,7 +123,7 @@ def read_peft(directory: Path, n_layer_hint: int | None = None):
     base_layers: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
                          r"lora_embedding_A|lora_embedding_B|lora_A\.default\.weight|lora_B\.default\.weight)$")
-    reverse = {theirs: ours_name for ours_name, theirs in MODULES.items()}
+    reverse = {m.hf: m.ours for m in layout.MODULES if m.target}
     for key, tensor in tensors.items():
         if key.endswith(".base_layer.weight"):
             base_layers[key.removeprefix(PREFIX)] = tensor

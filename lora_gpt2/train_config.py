@@ -15,10 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import resolve_targets
+from .config import DEVICES, DTYPES, LoRAConfig, resolve_targets
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "adam")
 MAX_MICRO_BATCH_TOKENS = 2**24  # far beyond any accelerator's memory for GPT-2
 
@@ -55,11 +53,13 @@ class ModelSettings:
             raise ValueError("targets must name at least one module to train")
         if not self.model:
             raise ValueError("model must be a Hub id or a checkpoint directory, got ''")
-        _positive("rank", self.rank)
-        _positive("alpha", self.alpha, allow_none=True)
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.lora  # noqa: B018 - rank, alpha and dropout are checked where the library checks them
         _choice("dtype", self.dtype, DTYPES)
+
+    @property
+    def lora(self) -> LoRAConfig:
+        """The library's LoRA settings: `rank` here is `r` there (alpha=None there means alpha = r)."""
+        return LoRAConfig(targets=self.targets, r=self.rank, alpha=self.alpha, dropout=self.dropout)
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class RunSettings:
     eval_batches: int = 20
     log_interval: int = 10
     save_interval: Optional[int] = None  # None: checkpoint at every evaluation
+    save_interval_minutes: Optional[float] = None  # also checkpoint last/ when this much time has passed
     device: str = "auto"
     seed: int = 1337
     compile: bool = False
@@ -128,6 +129,7 @@ class RunSettings:
         for name in ("eval_interval", "eval_batches", "log_interval"):
             _positive(name, getattr(self, name))
         _positive("save_interval", self.save_interval, allow_none=True)
+        _positive("save_interval_minutes", self.save_interval_minutes, allow_none=True)
         _choice("device", self.device, DEVICES)
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")

@@ -15,37 +15,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import layout
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .errors import CheckpointError
 from .hub import WEIGHT_FILES, resolve_checkpoint
-from .model import GPT2
+from .model import GPT2, BaseModel
 
-# Our parameter name -> HF key (without the "transformer." prefix).
-GLOBAL_KEYS = {
-    "token_embedding.weight": "wte.weight",
-    "position_embedding.weight": "wpe.weight",
-    "final_norm.weight": "ln_f.weight",
-    "final_norm.bias": "ln_f.bias",
-}
-BLOCK_KEYS = {
-    "attn_norm.weight": "ln_1.weight",
-    "attn_norm.bias": "ln_1.bias",
-    "attn.qkv_projection.weight": "attn.c_attn.weight",
-    "attn.qkv_projection.bias": "attn.c_attn.bias",
-    "attn.output_projection.weight": "attn.c_proj.weight",
-    "attn.output_projection.bias": "attn.c_proj.bias",
-    "ffn_norm.weight": "ln_2.weight",
-    "ffn_norm.bias": "ln_2.bias",
-    "ffn.linear_in.weight": "mlp.c_fc.weight",
-    "ffn.linear_in.bias": "mlp.c_fc.bias",
-    "ffn.linear_out.weight": "mlp.c_proj.weight",
-    "ffn.linear_out.bias": "mlp.c_proj.bias",
-}
-# HF Conv1D stores (in, out); our Linear wants (out, in).
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LM_HEAD = "lm_head.weight"
 # Causal-mask buffers that older checkpoints saved next to the weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-LM_HEAD = "lm_head.weight"
 
 # config.json field -> ModelConfig field.
 CONFIG_FIELDS = {
@@ -69,12 +47,20 @@ UNSUPPORTED_FLAGS = {
 
 
 def hf_key_map(n_layer: int) -> dict[str, str]:
-    """Every frozen tensor of our model -> its HF key (prefix-free); lm_head excluded."""
-    keys = dict(GLOBAL_KEYS)
-    for i in range(n_layer):
-        for ours, theirs in BLOCK_KEYS.items():
-            keys[f"blocks.{i}.{ours}"] = f"h.{i}.{theirs}"
+    """Every frozen tensor of our model -> its HF key (without "transformer."); lm_head excluded,
+    since GPT-2 ties it to the token embedding (see `load_into`)."""
+    keys = {}
+    for module in layout.MODULES:
+        if module.ours == "lm_head":
+            continue
+        for ours, theirs in layout.module_paths(module, n_layer):
+            for tensor in module.tensors:
+                keys[f"{ours}.{tensor}"] = f"{theirs.removeprefix('transformer.')}.{tensor}"
     return keys
+
+
+# HF Conv1D stores (in, out); our Linear wants (out, in).
+TRANSPOSED = tuple(".".join(m.hf.split(".")[-2:]) + ".weight" for m in layout.MODULES if m.kind == "conv1d")
 
 
 def is_transposed(hf_key: str) -> bool:
@@ -82,6 +68,11 @@ def is_transposed(hf_key: str) -> bool:
 
 
 def read_config(directory: Path) -> ModelConfig:
+    return model_config(read_hf_config(directory), directory / "config.json")
+
+
+def read_hf_config(directory: Path) -> dict:
+    """config.json as a dict, checked to be a GPT-2 config that lora-gpt2 computes exactly."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a GPT-2 checkpoint directory?")
@@ -99,6 +90,10 @@ def read_config(directory: Path) -> ModelConfig:
         raise CheckpointError(
             f"{path}: activation_function {raw['activation_function']!r} is not supported"
         )
+    return raw
+
+
+def model_config(raw: dict, path: Path) -> ModelConfig:
     fields = {ours: raw[theirs] for theirs, ours in CONFIG_FIELDS.items() if theirs in raw}
     try:
         return ModelConfig(**fields)
@@ -224,14 +219,6 @@ def load_into(model: GPT2, directory: Path, dtype: torch.dtype, device: str | to
     return _fingerprint(pieces)
 
 
-def materialize_lora(model: GPT2, device: str | torch.device) -> None:
-    """Real, freshly initialised float32 LoRA parameters for a model built on the meta device."""
-    for layer in model.lora_layers().values():
-        layer.lora_a = nn.Parameter(torch.empty(layer.lora_a.shape, device=device))
-        layer.lora_b = nn.Parameter(torch.empty(layer.lora_b.shape, device=device))
-        layer.reset_lora_parameters()
-
-
 def load_pretrained(
     name_or_path: str,
     *,
@@ -239,19 +226,23 @@ def load_pretrained(
     r: int = 8,
     alpha: float | None = None,
     dropout: float = 0.0,
+    lora: LoRAConfig | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> GPT2:
     """GPT-2 with Hugging Face weights (Hub id or local directory) and fresh LoRA layers.
 
-    The returned model has `source` (the directory read) and `fingerprint` (of the weights).
+    The LoRA settings come from `lora`, or else from `targets` / `r` / `alpha` / `dropout`.
+    The returned model declares where its weights came from in `model.base`.
     """
     directory = resolve_checkpoint(name_or_path)
-    config = read_config(directory)
-    lora_config = LoRAConfig(targets=targets, r=r, alpha=alpha, dropout=dropout)
+    raw = read_hf_config(directory)
+    config = model_config(raw, directory / "config.json")
+    lora_config = lora or LoRAConfig(targets=targets, r=r, alpha=alpha, dropout=dropout)
     with torch.device("meta"):  # shapes only: the weights come from the file
         model = GPT2(config, lora_config)
-    model.fingerprint = load_into(model, directory, dtype, device)
-    materialize_lora(model, device)
-    model.source = str(name_or_path)
+    fingerprint = load_into(model, directory, dtype, device)
+    for layer in model.lora_layers().values():
+        layer.materialize(device)
+    model.base = BaseModel(str(name_or_path), directory, fingerprint, raw)
     return model

@@ -70,8 +70,8 @@ def worker_train(args) -> dict:
     batches, _ = _batches(args)
     bf16 = args.dtype == "bfloat16"
     if args.system == "lora-gpt2":
-        from lora_gpt2 import train_config as tc
-        from lora_gpt2.trainer import Trainer
+        from lora_gpt2 import distributed, train_config as tc
+        from lora_gpt2.training import Trainer, factory
 
         cfg = tc.resolve(tc.flag_values(dict(
             model=args.checkpoint, data=args.data, out=tempfile.mkdtemp(), targets=("qkv_projection",),
@@ -79,10 +79,10 @@ def worker_train(args) -> dict:
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
             compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0)))
         # the same batches, learning rate and optimiser as the PEFT side below
-        trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
+        trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
 
         def step(i: int) -> float:
-            trainer.step = i
+            trainer.run_.step = i
             return trainer.train_step()
     else:
         from peft import LoraConfig, get_peft_model

@@ -14,7 +14,7 @@ from lora_gpt2.lora import lora_parameters
 from lora_gpt2.merge import write_merged
 from lora_gpt2.peft_io import export_peft
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 
 
 def randomized(path, targets, seed=0, r=4, alpha=8.0):
@@ -139,7 +139,6 @@ def test_five_adamw_steps_agree_with_transformers_plus_peft(tiny_checkpoint, tmp
 def test_adapter_from_another_base_is_refused_unless_forced(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint
     model = randomized(path, ("qkv_projection",))
-    model.source = path
     adapter = save_ours(model, tmp_path / "adapter")
     other = tmp_path / "other"
     make_hf_model(seed=9).save_pretrained(other)

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from lora_gpt2 import checkpoint
 from lora_gpt2.adapters import load_with_adapter
 from lora_gpt2.errors import WriteError
-from lora_gpt2.trainer import train
+from lora_gpt2.training import train
 
-from conftest import train_config
+from helpers import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_TRIALS = 20
@@ -164,7 +164,7 @@ def test_damaged_token_files_are_named(text_data, tmp_path, cli, tiny_checkpoint
 
 
 def test_adapter_on_another_base_is_refused_from_the_cli(tiny_checkpoint, text_data, tmp_path, cli):
-    from conftest import make_hf_model
+    from helpers import make_hf_model
 
     out = tmp_path / "run"
     train(train_config(tiny_checkpoint[0], text_data, out, max_steps=2, eval_interval=2))

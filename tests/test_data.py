@@ -8,10 +8,10 @@ import torch
 
 from lora_gpt2 import prepare as prep
 from lora_gpt2 import tokenizer
-from lora_gpt2.data import TrainBatches, eval_batches, open_tokens
+from lora_gpt2.data import TrainBatches, eval_windows, open_tokens
 from lora_gpt2.errors import DataError
 
-from conftest import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT
 
 
 def write(tmp_path, name, content):
@@ -99,8 +99,8 @@ def test_ranks_draw_slices_of_the_single_process_global_batch():
 
 def test_eval_windows_are_deterministic_and_cover_the_split():
     tokens = np.arange(1000, dtype=np.uint16)
-    first = eval_batches(tokens, block_size=50, batch_size=4, max_batches=3)
-    again = eval_batches(tokens, block_size=50, batch_size=4, max_batches=3)
+    first = eval_windows(tokens, block_size=50, batch_size=4, max_batches=3)
+    again = eval_windows(tokens, block_size=50, batch_size=4, max_batches=3)
     assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
     starts = torch.cat([x[:, 0] for x, _ in first])
     assert starts[0] == 0 and starts[-1] == 1000 - 51
@@ -108,7 +108,7 @@ def test_eval_windows_are_deterministic_and_cover_the_split():
 
 def test_val_split_too_short_says_how_many_tokens():
     with pytest.raises(DataError, match="val split has 40 tokens; one evaluation window at block size 64 needs 65"):
-        eval_batches(np.zeros(40, np.uint16), block_size=64, batch_size=2, max_batches=1)
+        eval_windows(np.zeros(40, np.uint16), block_size=64, batch_size=2, max_batches=1)
 
 
 def test_odd_sized_bin_is_refused(tmp_path):

@@ -10,7 +10,7 @@ from lora_gpt2 import tokenizer
 from lora_gpt2.download import RetryPolicy, fetch
 from lora_gpt2.errors import DownloadError
 
-from conftest import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT
 from httpserver import serve
 
 BODY = SAMPLE_TEXT.encode()

@@ -7,7 +7,7 @@ from lora_gpt2 import load_pretrained
 from lora_gpt2.generate import SamplingConfig, generate
 from lora_gpt2.model import KVCache
 
-from conftest import make_hf_model, save_hf_model
+from helpers import make_hf_model, save_hf_model
 
 
 def greedy_ours(model, prompt, n):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lora_gpt2 import lora
 from lora_gpt2.cli import main
 
-from conftest import SAMPLE_TEXT, make_hf_model
+from helpers import SAMPLE_TEXT, make_hf_model
 
 sizes = st.integers(min_value=1, max_value=48)
 ranks = st.integers(min_value=1, max_value=16)
@@ -65,9 +65,9 @@ def test_embedding_update_is_scaling_b_a_and_merge_round_trips(num, dim, r, alph
 def world(tmp_path_factory):
     """A tiny checkpoint, prepared data and a trained run, made once; the fuzzer writes nowhere else."""
     from lora_gpt2.prepare import ensure_prepared
-    from lora_gpt2.trainer import train
+    from lora_gpt2.training import train
 
-    from conftest import train_config
+    from helpers import train_config
 
     root = tmp_path_factory.mktemp("fuzz")
     make_hf_model().save_pretrained(root / "model")

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from lora_gpt2 import checkpoint, load_pretrained
 from lora_gpt2.errors import CheckpointError, TrainingStopped
 from lora_gpt2.lora import lora_parameters
-from lora_gpt2.trainer import Trainer, train
+from lora_gpt2.training import train
 
-from conftest import train_config
+from helpers import built_trainer, train_config
 
 COMPARED = ("step", "train_loss", "val_loss", "lr")
 
@@ -25,9 +25,9 @@ def test_loss_falls_when_overfitting_and_only_lora_changes(tiny_checkpoint, text
     path, _ = tiny_checkpoint
     cfg = train_config(path, text_data, tmp_path / "run", targets=("all",), max_steps=40, lr=1e-2,
                        eval_interval=40, log_interval=1)
-    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
-    frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
-    result = trainer.run(lambda: False, None)
+    with built_trainer(cfg) as trainer:
+        frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+        result = trainer.run()
     losses = [r["train_loss"] for r in records(tmp_path / "run")]
     assert len(losses) == 40 and result.step == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # nats per token
@@ -40,8 +40,8 @@ def test_loss_falls_when_overfitting_and_only_lora_changes(tiny_checkpoint, text
 def test_adapter_holds_exactly_the_lora_tensors_and_reloads_to_identical_logits(tiny_checkpoint, text_data, tmp_path):
     path, _ = tiny_checkpoint
     cfg = train_config(path, text_data, tmp_path / "run", targets=("attn", "lm_head"), max_steps=6)
-    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
-    trainer.run(lambda: False, None)
+    with built_trainer(cfg) as trainer:
+        trainer.run()
     last = tmp_path / "run" / "last"
     tensors = load_file(last / "adapter.safetensors")
     assert set(tensors) == set(lora_parameters(trainer.model))
@@ -49,11 +49,10 @@ def test_adapter_holds_exactly_the_lora_tensors_and_reloads_to_identical_logits(
     assert meta["step"] == 6 and meta["lora"] == {"targets": ["qkv_projection", "output_projection", "lm_head"],
                                                   "r": 4, "alpha": 8.0, "dropout": 0.0}
     assert meta["base_fingerprint"] == trainer.model.fingerprint and meta["format_version"] == 1
-    info = checkpoint.read_adapter_info(tmp_path / "run")  # a run folder resolves to best/
-    assert info.path == tmp_path / "run" / "best"
-    info = checkpoint.read_adapter_info(last)
-    fresh = load_pretrained(info.base_model, targets=info.lora.targets, r=info.lora.r, alpha=info.lora.alpha)
-    checkpoint.load_adapter_tensors(fresh, info)
+    assert checkpoint.read_checkpoint(tmp_path / "run").path == tmp_path / "run" / "best"  # a run means best/
+    ckpt = checkpoint.read_checkpoint(last)
+    fresh = load_pretrained(ckpt.info.base_model, lora=ckpt.info.lora)
+    checkpoint.load_adapter_tensors(fresh, ckpt)
     idx = torch.randint(0, 50257, (2, 16))
     trainer.model.eval()
     with torch.no_grad():
@@ -83,23 +82,24 @@ def test_resume_is_bit_identical_to_an_unbroken_run(tiny_checkpoint, text_data, 
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, text_data, tmp_path, monkeypatch):
-    import lora_gpt2.trainer as trainer_module
+    from lora_gpt2.model import GPT2
 
     path, _ = tiny_checkpoint
     calls = {"n": 0}
-    real = trainer_module.lm_loss
+    real = GPT2.forward
 
-    def poisoned(model, x, y):
-        loss = real(model, x, y)
+    def poisoned(self, idx, cache=None, targets=None):
+        out = real(self, idx, cache, targets)
+        if targets is None or not self.training:
+            return out
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] > 5 and model.training else loss
+        return out * float("nan") if calls["n"] > 5 else out
 
-    monkeypatch.setattr(trainer_module, "lm_loss", poisoned)
+    monkeypatch.setattr(GPT2, "forward", poisoned)
     cfg = train_config(path, text_data, tmp_path / "run", max_steps=10, eval_interval=100, save_interval=2)
     with pytest.raises(TrainingStopped, match=r"loss became nan at step 6; stopped without saving.*run/last"):
         train(cfg)
-    info = checkpoint.read_adapter_info(tmp_path / "run" / "last")
-    assert info.meta["step"] == 4
+    assert checkpoint.read_adapter_info(tmp_path / "run" / "last").meta["step"] == 4
     assert checkpoint.load_state(tmp_path / "run" / "last")["step"] == 4
 
 
@@ -121,8 +121,8 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, text_data, tmp_path):
     path, _ = tiny_checkpoint
     cfg = train_config(path, text_data, tmp_path / "run", max_steps=None, epochs=0.5, eval_interval=1000)
     assert cfg.optim.max_steps is None
-    trainer = Trainer(cfg, resume=False, on_event=lambda kind, **e: None)
-    assert trainer.max_steps == math.ceil(0.5 * len(trainer.train_tokens) / (4 * 32))
+    with built_trainer(cfg) as trainer:
+        assert trainer.run_.max_steps == math.ceil(0.5 * len(trainer.run_.batches.tokens) / (4 * 32))
 
 
 def test_block_size_beyond_the_context_is_refused(tiny_checkpoint, text_data, tmp_path):
@@ -149,10 +149,28 @@ def test_bfloat16_training_tracks_float32(tiny_checkpoint, text_data, tmp_path):
         assert abs(a["val_loss"] - b["val_loss"]) < 0.05 * a["val_loss"]
 
 
-def test_summary_reports_tokens_per_second_and_mfu(tiny_checkpoint, text_data, tmp_path, cli):
-    code, _, err = cli("train", "--model", tiny_checkpoint[0], "--data", text_data, "--out", tmp_path / "r",
-                       "--block-size", "32", "--batch-size", "2", "--max-steps", "3", "--eval-interval", "3",
-                       "--device", "cpu", "--dtype", "float32", "--eval-batches", "1")
-    assert code == 0, err
-    done = next(line for line in err.splitlines() if line.startswith("done: step 3/3"))
-    assert " tokens/s, MFU " in done and "% of this device's dense matmul rate" in done
+def test_mfu_is_measured_only_when_asked_and_is_tokens_times_flops_over_peak(tiny_checkpoint, text_data, tmp_path,
+                                                                            monkeypatch):
+    import lora_gpt2.training.loop as loop
+    from lora_gpt2.flops import lora_training_flops_per_token
+
+    calls = []
+    monkeypatch.setattr(loop, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 2e9)
+    plain = train(train_config(tiny_checkpoint[0], text_data, tmp_path / "a", max_steps=2))
+    assert plain.mfu is None and calls == []  # no 2048^3 benchmark at the end of every run
+    asked = train(train_config(tiny_checkpoint[0], text_data, tmp_path / "b", max_steps=2), measure_mfu=True)
+    assert calls == [torch.float32]
+    model = load_pretrained(tiny_checkpoint[0], targets=())
+    per_token = lora_training_flops_per_token(model.config, 32)
+    assert asked.mfu == pytest.approx(asked.tokens_per_s * per_token / 2e9, rel=1e-12)
+
+
+def test_flops_per_token_of_gpt2_small_by_hand():
+    from lora_gpt2.config import ModelConfig
+    from lora_gpt2.flops import lora_training_flops_per_token
+
+    d, layers, vocab, t = 768, 12, 50257, 256
+    matmul_weights = layers * (d * 3 * d + d * d + d * 4 * d + 4 * d * d) + d * vocab  # qkv, proj, fc, proj, head
+    assert matmul_weights == 123_532_032
+    expected = 2 * matmul_weights + 2 * matmul_weights + 2 * 2 * layers * t * d * 2  # fwd, input grads, attention
+    assert lora_training_flops_per_token(ModelConfig(), t) == expected == 513_002_496

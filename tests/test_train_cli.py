@@ -49,7 +49,7 @@ def test_precedence_flag_over_file_over_defaults(tmp_path, cli):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "rank must be > 0, got 0"),
+    (["--rank", "0"], "rank r must be >= 1, got 0"),  # the library's own check and words
     (["--lr", "0"], "lr must be > 0, got 0.0"),
     (["--lr", "-1e-3"], "lr must be > 0, got -0.001"),
     (["--lr", "nan"], "lr must be > 0, got nan"),

@@ -9,12 +9,12 @@ import torch
 from lora_gpt2 import checkpoint, load_pretrained, tokenizer
 from lora_gpt2.lora import lora_parameters
 
-from conftest import train_config
+from helpers import train_config
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_checkpoint, text_data, tmp_path_factory):
-    from lora_gpt2.trainer import train
+    from lora_gpt2.training import train
 
     out = tmp_path_factory.mktemp("run") / "run"
     train(train_config(tiny_checkpoint[0], text_data, out, targets=("attn", "lm_head"), max_steps=8, eval_interval=4))

@@ -10,7 +10,7 @@ from lora_gpt2 import load_pretrained
 from lora_gpt2.errors import CheckpointError
 from lora_gpt2.weights import hf_key_map
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 
 
 def lay_out_hub_cache(cache, repo_id, checkpoint_dir):

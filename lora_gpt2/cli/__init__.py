@@ -68,10 +68,22 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _spell_resume_auto(args: list[str]) -> list[str]:
+    """`train --resume auto` (an optional value, which typer cannot declare) -> `--resume-auto`."""
+    out: list[str] = []
+    for arg in args:
+        if arg == "auto" and out and out[-1] == "--resume":
+            out[-1] = "--resume-auto"
+        else:
+            out.append("--resume-auto" if arg == "--resume=auto" else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
+    args = _spell_resume_auto(sys.argv[1:] if argv is None else list(argv))
     try:
-        code = command.main(args=argv, prog_name="lora-gpt2", standalone_mode=False)
+        code = command.main(args=args, prog_name="lora-gpt2", standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, ...

@@ -15,7 +15,7 @@ DEFAULT_DATA_DIR = "data/tinyshakespeare"
 
 
 @app.command("download-data")
-def download_data(
+def download_data_cmd(
     data_dir: Path = typer.Option(
         DEFAULT_DATA_DIR, "--data-dir", envvar=DATA_DIR_ENV,
         help=f"Folder for input.txt and its token files (env {DATA_DIR_ENV}).",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Optional
@@ -13,68 +14,96 @@ from .app import app
 from .output import is_terminal, progress, say
 
 Opt = typer.Option
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129, "SIGUSR1": 138}  # 128 + signal number
 
 
-@app.command()
-def train(
+def _default(key: str) -> str:
+    """' (default: X)' for a training setting: flags default to None (so a config file can set
+    them), which would leave typer's help without the value actually used."""
+    from ..train_config import FIELD_SECTION, TrainConfig
+
+    value = getattr(getattr(TrainConfig(), FIELD_SECTION[key]), key)
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return f" (default: {'none' if value is None else value})"
+
+
+def H(text: str, key: str) -> str:  # noqa: N802 - reads as a help string with its default
+    return text + _default(key)
+
+
+@app.command("train")
+def train_cmd(
     config: Optional[Path] = Opt(None, "--config", help="TOML file (see configs/); flags override it."),
-    model: Optional[str] = Opt(None, help="Base GPT-2: Hub id (gpt2, gpt2-medium, ...) or local directory."),
-    data: Optional[str] = Opt(None, help="Text file, or folder holding input.txt (prepared on first use)."),
-    out: Optional[str] = Opt(None, help="Run directory for adapters, metrics.jsonl and loss.png."),
-    targets: Optional[str] = Opt(None, help="Comma-separated modules or groups: attn, ffn, embeddings, all, ..."),
-    rank: Optional[int] = Opt(None, help="LoRA rank r."),
-    alpha: Optional[float] = Opt(None, help="LoRA alpha; scaling = alpha / rank."),
-    dropout: Optional[float] = Opt(None, help="Dropout on the LoRA input path."),
-    dtype: Optional[str] = Opt(None, help="Frozen weights: auto, float32, bfloat16, float16 (CUDA)."),
-    block_size: Optional[int] = Opt(None, help="Context length of each training window."),
-    batch_size: Optional[int] = Opt(None, help="Windows per micro-batch (per GPU)."),
-    grad_accum: Optional[int] = Opt(None, help="Micro-batches per optimiser step."),
-    max_steps: Optional[int] = Opt(None, help="Optimiser steps (instead of --epochs)."),
-    epochs: Optional[float] = Opt(None, help="Passes over the train tokens (instead of --max-steps)."),
-    optimizer: Optional[str] = Opt(None, help="adamw or adam."),
-    lr: Optional[float] = Opt(None, help="Peak learning rate."),
-    warmup_steps: Optional[int] = Opt(None, help="Linear warmup steps before the cosine decay."),
-    min_lr_ratio: Optional[float] = Opt(None, help="Final learning rate as a fraction of --lr."),
-    weight_decay: Optional[float] = Opt(None, help="Weight decay of the LoRA parameters."),
-    beta1: Optional[float] = Opt(None, help="Adam beta1."),
-    beta2: Optional[float] = Opt(None, help="Adam beta2."),
-    grad_clip: Optional[float] = Opt(None, help="Clip the gradient norm (0 disables)."),
-    eval_interval: Optional[int] = Opt(None, help="Evaluate (and checkpoint) every N steps."),
-    eval_batches: Optional[int] = Opt(None, help="Batches of validation windows per evaluation."),
-    log_interval: Optional[int] = Opt(None, help="Write metrics.jsonl every N steps."),
-    save_interval: Optional[int] = Opt(None, help="Also checkpoint last/ every N steps."),
-    device: Optional[str] = Opt(None, help="auto, cpu, cuda or mps."),
-    seed: Optional[int] = Opt(None, help="Seed of batches and initialisation."),
-    compile: Optional[bool] = Opt(None, "--compile/--no-compile", help="torch.compile the model."),
-    resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    model: Optional[str] = Opt(None, help=H("Base GPT-2: Hub id (gpt2, gpt2-medium, ...) or local directory.", "model")),
+    data: Optional[str] = Opt(None, help=H("Text file, or folder holding input.txt (prepared on first use).", "data")),
+    out: Optional[str] = Opt(None, help=H("Run directory for adapters, metrics.jsonl and loss.png.", "out")),
+    targets: Optional[str] = Opt(None, help=H("Comma-separated modules or groups: attn, ffn, embeddings, all, ...",
+                                              "targets")),
+    rank: Optional[int] = Opt(None, help=H("LoRA rank r.", "rank")),
+    alpha: Optional[float] = Opt(None, help=H("LoRA alpha; scaling = alpha / rank (none: alpha = rank).", "alpha")),
+    dropout: Optional[float] = Opt(None, help=H("Dropout on the LoRA input path.", "dropout")),
+    dtype: Optional[str] = Opt(None, help=H("Frozen weights: auto, float32, bfloat16, float16 (CUDA).", "dtype")),
+    block_size: Optional[int] = Opt(None, help=H("Context length of each training window.", "block_size")),
+    batch_size: Optional[int] = Opt(None, help=H("Windows per micro-batch (per GPU).", "batch_size")),
+    grad_accum: Optional[int] = Opt(None, help=H("Micro-batches per optimiser step.", "grad_accum")),
+    max_steps: Optional[int] = Opt(None, help=H("Optimiser steps (instead of --epochs).", "max_steps")),
+    epochs: Optional[float] = Opt(None, help=H("Passes over the train tokens (instead of --max-steps).", "epochs")),
+    optimizer: Optional[str] = Opt(None, help=H("adamw or adam.", "optimizer")),
+    lr: Optional[float] = Opt(None, help=H("Peak learning rate.", "lr")),
+    warmup_steps: Optional[int] = Opt(None, help=H("Linear warmup steps before the cosine decay.", "warmup_steps")),
+    min_lr_ratio: Optional[float] = Opt(None, help=H("Final learning rate as a fraction of --lr.", "min_lr_ratio")),
+    weight_decay: Optional[float] = Opt(None, help=H("Weight decay of the LoRA parameters.", "weight_decay")),
+    beta1: Optional[float] = Opt(None, help=H("Adam beta1.", "beta1")),
+    beta2: Optional[float] = Opt(None, help=H("Adam beta2.", "beta2")),
+    grad_clip: Optional[float] = Opt(None, help=H("Clip the gradient norm (0 disables).", "grad_clip")),
+    eval_interval: Optional[int] = Opt(None, help=H("Evaluate (and checkpoint) every N steps.", "eval_interval")),
+    eval_batches: Optional[int] = Opt(None, help=H("Batches of validation windows per evaluation.", "eval_batches")),
+    log_interval: Optional[int] = Opt(None, help=H("Write metrics.jsonl every N steps.", "log_interval")),
+    save_interval: Optional[int] = Opt(None, help=H("Also checkpoint last/ every N steps.", "save_interval")),
+    save_interval_minutes: Optional[float] = Opt(None, help=H("Also checkpoint last/ every M minutes.",
+                                                              "save_interval_minutes")),
+    device: Optional[str] = Opt(None, help=H("auto, cpu, cuda or mps.", "device")),
+    seed: Optional[int] = Opt(None, help=H("Seed of batches and initialisation.", "seed")),
+    compile: Optional[bool] = Opt(None, "--compile/--no-compile", help=H("torch.compile the model.", "compile")),
+    resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint; "
+                                                "'--resume auto' starts fresh when --out holds no run."),
+    resume_auto: bool = Opt(False, "--resume-auto", hidden=True),  # what main() makes of '--resume auto'
+
     stop_after: Optional[int] = Opt(None, min=1, help="Checkpoint and stop after N more steps (resume later)."),
+    mfu: bool = Opt(False, "--mfu", help="Measure this device's matmul rate at the end and report MFU."),
     print_config: bool = Opt(False, "--print-config", help="Print the resolved config as TOML and exit."),
 ) -> None:
     """Fine-tune GPT-2 with LoRA; saves adapter-only checkpoints in --out (best/ and last/)."""
     flags = {k: v for k, v in locals().items()
-             if k not in ("config", "resume", "stop_after", "print_config") and v is not None}
+             if k not in ("config", "resume", "resume_auto", "stop_after", "print_config", "mfu") and v is not None}
     from .. import train_config as tc
 
+    mode = "auto" if resume_auto else "yes" if resume else "no"
+    if config is not None and config.is_dir():
+        raise ValueError(f"--config {config} is a folder; give a TOML file")
     layers = [tc.read_toml(config)] if config else []
     base = tc.TrainConfig()
-    if resume:
-        base = _saved_config(flags.get("out") or _file_out(layers) or base.run.out)
+    out_dir = flags.get("out") or _file_out(layers) or base.run.out
+    if mode == "yes" or (mode == "auto" and (Path(out_dir) / "config.json").is_file()):
+        base = _saved_config(out_dir)
     resolved = tc.resolve(*layers, tc.flag_values(flags), base=base)
     if print_config:
         print(resolved.to_toml(), end="")
         return
     _ensure_default_data(resolved)
     view = TrainView(resolved.run.log_interval)
-    from ..trainer import train as run_training
+    from ..training import train
 
-    with _StopOnSigint() as stopper:
-        result = run_training(resolved, resume=resume, on_event=view.handle,
-                              should_stop=stopper.requested, stop_after=stop_after)
-    if result.interrupted:
+    with StopOnSignals() as stopper:
+        result = train(resolved, resume=mode, subscribers=[view],
+                       should_stop=stopper.requested, stop_after=stop_after, measure_mfu=mfu)
+    if result.interrupted and os.environ.get("RANK", "0") == "0":
         say(f"stopped at step {result.step}/{result.max_steps}; continue with: "
             f"lora-gpt2 train --out {resolved.run.out} --resume")
-        if stopper.requested():
-            raise typer.Exit(130)  # the shell's code for Ctrl-C, so `train && next` stops too
+    if stopper.requested() is not None:
+        # the shell's code for the signal (130 for Ctrl-C), so `train && next` stops too
+        raise typer.Exit(SIGNAL_EXIT[stopper.requested()])
 
 
 def _file_out(layers) -> str | None:
@@ -83,7 +112,7 @@ def _file_out(layers) -> str | None:
 
 def _saved_config(out: str):
     from .. import train_config as tc
-    from ..trainer import RUN_CONFIG
+    from ..training.run_dir import RUN_CONFIG
 
     path = Path(out) / RUN_CONFIG
     if not path.is_file():
@@ -99,49 +128,64 @@ def _ensure_default_data(config) -> None:
     """`lora-gpt2 train` with no data yet: fetch Tiny Shakespeare, as download-data would."""
     import os
 
-    from .data_cmd import DEFAULT_DATA_DIR, download_data
+    from .data_cmd import DEFAULT_DATA_DIR, download_data_cmd
 
     data = Path(config.data.data)
     if os.environ.get("RANK", "0") != "0" or data.exists() or config.data.data != DEFAULT_DATA_DIR:
         return
     say(f"{data} not found: downloading Tiny Shakespeare first")
-    download_data(data_dir=data, url=None, sha256=None, force=False, retries=4)
+    download_data_cmd(data_dir=data, url=None, sha256=None, force=False, retries=4)
 
 
-class _StopOnSigint:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second Ctrl-C: stop at once."""
+class StopOnSignals:
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's stop), SIGHUP (the terminal closed) and SIGUSR1
+    (Slurm's --signal) all ask for the same thing: finish the step, checkpoint, stop. A second
+    Ctrl-C stops at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
 
     def __init__(self) -> None:
-        self.flag = False
+        self.reason: str | None = None
+        self.previous: dict[int, object] = {}
 
-    def requested(self) -> bool:
-        return self.flag
+    def requested(self) -> str | None:
+        return self.reason
 
     def _handle(self, signum, frame) -> None:
-        if self.flag:
+        name = signal.Signals(signum).name
+        if self.reason is not None and name == "SIGINT":
             raise KeyboardInterrupt
-        self.flag = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+        if self.reason is None:
+            self.reason = name
+            say(f"\n{name}: saving a checkpoint after this step"
+                + (" (Ctrl-C again to stop at once)" if name == "SIGINT" else ""))
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 class TrainView:
-    """Renders trainer events: a tqdm bar on a terminal, a plain line every N steps elsewhere."""
+    """The terminal view of a run (a training subscriber): a tqdm bar on a terminal, a plain line
+    every --log-interval steps elsewhere."""
 
     def __init__(self, log_interval: int) -> None:
         self.log_interval = log_interval
         self.bar = None
-        self.main = True
+
+    def handle(self, event) -> None:
+        getattr(self, f"on_{event.kind}")(event)
 
     def write(self, text: str) -> None:
         if self.bar is not None and is_terminal():
@@ -149,48 +193,40 @@ class TrainView:
         else:
             say(text)
 
-    def handle(self, kind: str, **e) -> None:
-        getattr(self, f"on_{kind}")(**e)
-
-    def on_start(self, **e) -> None:
-        self.main = e["main"]
-        if not self.main:
-            return
-        share = 100 * e["trainable"] / e["total"]
-        say(f"model {e['model']}: {e['total']:,} parameters, {e['trainable']:,} trainable (LoRA, {share:.3f}%)")
-        say(f"device {e['device']} x{e['world_size']}, dtype {e['dtype']}, "
-            f"{e['tokens_per_step']:,} tokens per step, steps {e['step']}->{e['max_steps']}, out {e['out']}")
+    def on_started(self, e) -> None:
+        share = 100 * e.trainable / e.total
+        say(f"model {e.model}: {e.total:,} parameters, {e.trainable:,} trainable (LoRA, {share:.3f}%)")
+        say(f"device {e.device} x{e.world_size}, dtype {e.dtype}, "
+            f"{e.tokens_per_step:,} tokens per step, steps {e.step}->{e.max_steps}, out {e.out}")
         if is_terminal():
-            self.bar = progress(e["max_steps"], "train", unit="step", initial=e["step"])
+            self.bar = progress(e.max_steps, "train", unit="step", initial=e.step)
 
-    def on_step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if not self.main:
-            return
+    def on_stepped(self, e) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
-        elif step % self.log_interval == 0:
-            say(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
+            self.bar.set_postfix_str(f"loss {e.loss:.4f} lr {e.lr:.2e} {e.tokens_per_s:,.0f} tok/s", refresh=False)
+        elif e.step % self.log_interval == 0:
+            say(f"step {e.step} | loss {e.loss:.4f} | lr {e.lr:.2e} | {e.tokens_per_s:,.0f} tok/s")
 
-    def on_eval(self, step: int, val_loss: float, best: bool) -> None:
-        if self.main:
-            import math
+    def on_evaluated(self, e) -> None:
+        import math
 
-            self.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                       + (" best" if best else ""))
+        self.write(f"step {e.step}: val loss {e.val_loss:.4f} (ppl {math.exp(min(e.val_loss, 50)):.2f})"
+                   + (" best" if e.best else ""))
 
-    def on_checkpoint(self, path, step: int) -> None:
+    def on_logged(self, e) -> None:
+        pass  # metrics.jsonl has it
+
+    def on_saved(self, e) -> None:
         pass  # every evaluation saves; the end summary says where
 
-    def on_notice(self, message: str) -> None:
-        if self.main:
-            self.write(message)
+    def on_notice(self, e) -> None:
+        self.write(e.message)
 
-    def on_end(self, result, main: bool) -> None:
+    def on_finished(self, e) -> None:
+        result = e.result
         if self.bar is not None:
             self.bar.close()
-        if not main:
-            return
         best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
         speed = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
         mfu = f", MFU {100 * result.mfu:.0f}% of this device's dense matmul rate" if result.mfu else ""
@@ -199,8 +235,8 @@ class TrainView:
             f"metrics: {result.out / 'metrics.jsonl'}")
 
 
-@app.command()
-def plot(run_dir: Path = typer.Argument(..., help="A training run directory (holding metrics.jsonl).")) -> None:
+@app.command("plot")
+def plot_cmd(run_dir: Path = typer.Argument(..., help="A training run directory (holding metrics.jsonl).")) -> None:
     """Redraw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl."""
     from ..plot import PLOT_HINT, draw_loss, plot_available
 

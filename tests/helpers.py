@@ -1,0 +1,77 @@
+"""Helpers the tests share: tiny random GPT-2 checkpoints in the real Hugging Face format,
+sample text, and a fast TrainConfig. Tests import this module; conftest.py holds fixtures only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A random GPT2LMHeadModel with every tensor perturbed, so nothing hides behind its init."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**TINY, **overrides})
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+def save_hf_model(model, directory) -> str:
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+SAMPLE_TEXT = "".join(
+    f"{name}:\nWhat say you, {other}? The {n}th hour comes, and with it {thing}.\n\n"
+    for n, (name, other, thing) in enumerate(
+        [("ROMEO", "Juliet", "the night"), ("JULIET", "Romeo", "the lark"),
+         ("MERCUTIO", "Benvolio", "a plague"), ("NURSE", "lady", "the wedding")] * 40
+    )
+)
+
+
+def train_config(checkpoint: str, data, out, **overrides):
+    """A tiny, fast TrainConfig; keyword overrides go to the right section."""
+    from lora_gpt2 import train_config as tc
+
+    flags = dict(model=checkpoint, data=str(data), out=str(out), targets=("qkv_projection",), rank=4,
+                 alpha=8.0, dropout=0.0, dtype="float32", block_size=32, batch_size=4, max_steps=12,
+                 lr=3e-3, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=2, device="cpu")
+    flags.update(overrides)
+    return tc.resolve(tc.flag_values(flags))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI child process: this checkout first on the path, one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "lora_gpt2", *map(str, args)]
+
+
+@contextlib.contextmanager
+def built_trainer(config, resume: str = "no"):
+    """A Trainer over a built run, with the run's own subscribers; the run's lock is released after."""
+    from lora_gpt2 import distributed
+    from lora_gpt2.training import Trainer, factory
+    from lora_gpt2.training.loop import default_subscribers
+
+    run = factory.build(config, distributed.setup("cpu"), resume)
+    try:
+        trainer = Trainer(run)
+        trainer.subscribers = default_subscribers(config, run.model, trainer.emit)
+        yield trainer
+    finally:
+        run.lock.release()
