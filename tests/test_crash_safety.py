@@ -20,77 +20,111 @@ from lora_gpt2.adapters import load_with_adapter
 from lora_gpt2.errors import WriteError
 from lora_gpt2.training import train
 
-from helpers import train_config
+from helpers import cli_command, subprocess_env, train_config
 
-ROOT = Path(__file__).resolve().parents[1]
 KILL_TRIALS = 20
 STEPS = 150
+# The child runs the real CLI with three pause points added, and says on stderr when it is
+# paused there; the test kills it then. So each kill lands where it was aimed, on any machine:
+#   step: after optimiser step K, before its checkpoint   tmp: inside the write of step K's files
+#   swap: between moving last/ aside and moving the new one in (the riskiest moment)
+CHILD = """
+import os, sys, time
+from pathlib import Path
+from lora_gpt2 import checkpoint
+from lora_gpt2.cli import main, train_cmd
+phase, at = os.environ["KILL_PHASE"], int(os.environ["KILL_AT"])
+saving = {}
+
+def pause(where):
+    sys.stderr.write(f"PAUSED {where} {at}\\n"); sys.stderr.flush(); time.sleep(300)
+
+real_stepped = train_cmd.TrainView.on_stepped
+def on_stepped(self, e):
+    real_stepped(self, e)
+    if phase == "step" and e.step == at: pause("step")
+train_cmd.TrainView.on_stepped = on_stepped
+
+real_save = checkpoint.save_checkpoint
+def save_checkpoint(directory, model, state=None, **extra):
+    saving.update(name=Path(directory).name, step=extra.get("step"))
+    return real_save(directory, model, state, **extra)
+checkpoint.save_checkpoint = save_checkpoint
+
+real_write = checkpoint.write_adapter_files
+def write_adapter_files(*args, **kwargs):
+    real_write(*args, **kwargs)
+    if phase == "tmp" and saving == {"name": "last", "step": at}: pause("tmp")
+checkpoint.write_adapter_files = write_adapter_files
+
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if phase == "swap" and Path(dst).name == ".prev-last" and saving == {"name": "last", "step": at}: pause("swap")
+os.replace = replace
+main(sys.argv[1:])
+"""
 
 
-def train_cmd(tiny, data, out, *extra):
-    return [sys.executable, "-m", "lora_gpt2", "train", "--model", tiny, "--data", str(data), "--out", str(out),
-            "--targets", "attn", "--rank", "4", "--block-size", "32", "--batch-size", "4", "--dtype", "float32",
-            "--device", "cpu", "--eval-batches", "1", "--dropout", "0.1", "--max-steps", str(STEPS),
-            "--eval-interval", "5", "--save-interval", "1", "--log-interval", "1", *extra]
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def metrics_size(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return path.stat().st_size if path.exists() else -1
+def train_args(tiny, data, out, *extra):
+    return ["train", "--model", tiny, "--data", str(data), "--out", str(out), "--targets", "attn", "--rank", "4",
+            "--block-size", "32", "--batch-size", "4", "--dtype", "float32", "--device", "cpu", "--eval-batches", "1",
+            "--dropout", "0.1", "--max-steps", str(STEPS), "--eval-interval", "5", "--save-interval", "1",
+            "--log-interval", "1", *extra]
 
 
 def assert_loadable(out: Path, tiny: str) -> int:
-    """The latest checkpoint loads: adapter (checked against its sha256) and state."""
-    checkpoint.recover_checkpoint(out / "last")
+    """The latest checkpoint loads (adapter checked against its sha256, and state), as --resume finds it."""
+    from lora_gpt2.training import run_dir
+
+    run_dir.recover(out)  # what the next owner of the folder does first
     model, _ = load_with_adapter(str(out / "last"), model=tiny)
     state = checkpoint.load_state(out / "last")
     assert state["step"] == json.loads((out / "last" / "adapter.json").read_text())["step"]
     return state["step"]
 
 
-def test_sigkill_at_random_moments_never_loses_the_run(tiny_checkpoint, text_data, tmp_path):
+@pytest.mark.slow
+def test_sigkill_at_aimed_moments_never_loses_the_run(tiny_checkpoint, text_data, tmp_path):
     tiny = tiny_checkpoint[0]
     rng = random.Random(1234)
     reference = tmp_path / "reference"
-    done = subprocess.run(train_cmd(tiny, text_data, reference), env=env(), capture_output=True, text=True)
+    done = subprocess.run(cli_command(*train_args(tiny, text_data, reference)), env=subprocess_env(),
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "killed"
-    steps_seen, torn_writes = [], 0
+    phases = ("step", "tmp", "swap")
+    trained, torn = 0, {"tmp": 0, "swap": 0}
     for trial in range(KILL_TRIALS):
-        resume = ["--resume"] if (out / "last").exists() or (out / ".prev-last").exists() else []
-        proc = subprocess.Popen(train_cmd(tiny, text_data, out, *resume), env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        logged = metrics_size(out)
-        deadline = time.time() + 60
-        while time.time() < deadline and metrics_size(out) <= logged and proc.poll() is None:
-            time.sleep(0.01)  # wait until this process trains (it logs every step)
-        if trial % 2:  # odd trials: kill at the first sight of a checkpoint being written
-            while proc.poll() is None and not any(n.startswith(".tmp-") for n in os.listdir(out)):
-                pass
-        else:  # even trials: a random moment, in a step, an evaluation or a write
-            time.sleep(rng.uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == 0:  # it finished before the kill: nothing left to interrupt
-            break
-        torn_writes += any(p.name.startswith((".tmp-", ".prev-")) for p in out.iterdir())
-        steps_seen.append(assert_loadable(out, tiny))
-    finish = subprocess.run(train_cmd(tiny, text_data, out, "--resume"), env=env(), capture_output=True, text=True)
+        phase, at = phases[trial % 3], trained + rng.randint(1, 6)
+        resume = ["--resume"] if trial else []
+        child = subprocess.Popen([sys.executable, "-c", CHILD, *train_args(tiny, text_data, out, *resume)],
+                                 env=subprocess_env(KILL_PHASE=phase, KILL_AT=str(at)),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in child.stderr:  # blocking reads: no spinning, no timing assumptions
+            lines.append(line)
+            if line.startswith("PAUSED"):
+                break
+        child.kill()
+        child.wait()
+        assert lines and lines[-1] == f"PAUSED {phase} {at}\n", "".join(lines[-5:])
+        if phase != "step":
+            torn[phase] += any(p.name.startswith((".tmp-", ".prev-")) for p in out.iterdir())
+        trained = assert_loadable(out, tiny)
+        assert trained == at - 1, (phase, at, trained)  # step `at` was never saved; `at - 1` survives whole
+    assert torn["tmp"] >= 1 and torn["swap"] >= 1  # kills really landed inside writes and swaps
+    finish = subprocess.run(cli_command(*train_args(tiny, text_data, out, "--resume")), env=subprocess_env(),
+                            capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr
     assert assert_loadable(out, tiny) == STEPS
-    assert len(set(steps_seen)) >= KILL_TRIALS // 2, steps_seen  # the kills landed all along the run
-    assert torn_writes >= 1  # and some inside a checkpoint write, which recovery then cleaned up
-    print(f"kills at steps {steps_seen}, {torn_writes} inside checkpoint writes")
     leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".prev-"))]
     assert leftovers == []
     # every restart resumed exactly: the end state equals the run that was never killed
     a = load_file(reference / "last" / "adapter.safetensors")
     b = load_file(out / "last" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (reference / "metrics.jsonl").read_text().count("\n") == (out / "metrics.jsonl").read_text().count("\n")
 
 
 def test_disk_full_stops_with_the_path_and_keeps_the_previous_checkpoint(tiny_checkpoint, text_data, tmp_path,

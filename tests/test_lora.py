@@ -77,10 +77,21 @@ def test_merge_equals_unmerged_forward_and_is_idempotent(make):
     torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)
 
 
-def test_eval_does_not_merge():
-    layer = lora.Linear(4, 4, True, r=2)
+def test_eval_does_not_merge_and_the_update_stays_a_separate_path():
+    torch.manual_seed(5)
+    layer = lora.Linear(6, 4, True, r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    frozen = layer.weight.detach().clone()
+    x = torch.randn(3, 6)
     layer.eval()
-    assert layer.merged is False
+    out = layer(x)
+    assert torch.equal(layer.weight, frozen)  # nothing folded in behind .eval()
+    torch.testing.assert_close(out, F.linear(x, frozen, layer.bias) + 2.0 * (x @ layer.lora_a.T @ layer.lora_b.T),
+                               rtol=0, atol=1e-6)
+    with torch.no_grad():
+        layer.lora_b.zero_()  # a change to the adapter shows at once: it was not merged
+    torch.testing.assert_close(layer(x), F.linear(x, frozen, layer.bias), rtol=0, atol=0)
 
 
 def test_optimizer_step_changes_only_lora_tensors():

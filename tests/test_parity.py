@@ -1,5 +1,7 @@
 """lora-gpt2's GPT-2 equals Hugging Face's on the same weights: logits and greedy text."""
 
+import math
+
 import pytest
 import torch
 
@@ -51,13 +53,6 @@ def test_kv_cache_logits_equal_full_recomputation(tiny_checkpoint):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
 
-def test_generation_slides_past_the_context(small_vocab_checkpoint):
-    path, _ = small_vocab_checkpoint  # n_positions 32
-    model = load_pretrained(path, targets=())
-    out = greedy_ours(model, [1, 2, 3], 80)
-    assert len(out) == 80 and all(0 <= t < 128 for t in out)
-
-
 def test_untied_checkpoint_without_transformer_prefix(tmp_path):
     """The original `gpt2` upload has keys like `h.0.attn.c_attn.weight` and mask buffers."""
     from safetensors.torch import save_file
@@ -86,11 +81,19 @@ def test_gpt2_small_logits_and_greedy_text_equal_transformers(tmp_path):
 
 
 def test_bfloat16_storage_keeps_frozen_weights_bf16_and_lora_fp32(tiny_checkpoint):
-    path, hf = tiny_checkpoint
+    """bf16 storage differs from float32 arithmetic on the same (bf16-rounded) weights only by bf16
+    rounding of the activations: within 3 bf16 ulps of the largest logit, not a loose fraction."""
+    path, _ = tiny_checkpoint
     model = load_pretrained(path, targets=("qkv_projection",), dtype=torch.bfloat16)
     assert model.token_embedding.weight.dtype == torch.bfloat16
     assert model.blocks[0].attn.qkv_projection.lora_a.dtype == torch.float32
-    idx = torch.randint(0, 50257, (1, 16))
+    reference = load_pretrained(path, targets=())
     with torch.no_grad():
-        ours, ref = model(idx).float(), hf(idx).logits
-    assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
+        for p in reference.parameters():
+            p.data = p.data.to(torch.bfloat16).float()
+    for seed in range(3):
+        idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ours, ref = model(idx).float(), reference(idx)
+        ulp = 2.0 ** (math.floor(math.log2(ref.abs().max().item())) - 7)  # bf16 keeps 8 significant bits
+        assert (ours - ref).abs().max() <= 3 * ulp

@@ -27,13 +27,6 @@ def test_shakespeare_toml_equals_the_built_in_defaults():
     assert tc.resolve(tc.read_toml(ROOT / "configs" / "shakespeare.toml")) == tc.TrainConfig()
 
 
-def test_labml_toml_reproduces_the_reference_experiment():
-    cfg = tc.resolve(tc.read_toml(ROOT / "configs" / "labml.toml"))
-    assert (cfg.model.rank, cfg.model.alpha, len(cfg.model.targets)) == (32, 32.0, 7)
-    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.epochs) == ("adam", 1e-4, 10.0)
-    assert (cfg.data.batch_size, cfg.data.block_size) == (32, 512)
-
-
 def test_precedence_flag_over_file_over_defaults(tmp_path, cli):
     config = tmp_path / "c.toml"
     config.write_text('[model]\nrank = 16\n[optim]\nlr = 0.002\nepochs = 2\n[run]\nseed = 7\n')

@@ -49,18 +49,22 @@ def test_greedy_cli_output_equals_transformers_generate(run_dir, tiny_checkpoint
     assert out == prompt + tokenizer.decode(expected) + "\n"
 
 
-def test_text_streams_to_stdout_token_by_token(run_dir, monkeypatch):
+def test_text_streams_to_stdout_piece_by_piece(run_dir, monkeypatch):
+    """At every flush stdout holds the prompt and the session's pieces so far: one more piece each time."""
+    from lora_gpt2.adapters import load_with_adapter
     from lora_gpt2.cli import main
+    from lora_gpt2.generate import GenerationSession, SamplingConfig
 
     class Recorder:
         def __init__(self):
-            self.flushes, self.text = 0, ""
+            self.text, self.flushed = "", []
 
         def write(self, s):
             self.text += s
 
         def flush(self):
-            self.flushes += 1
+            if not self.flushed or self.flushed[-1] != self.text:
+                self.flushed.append(self.text)
 
         def isatty(self):
             return False
@@ -68,9 +72,15 @@ def test_text_streams_to_stdout_token_by_token(run_dir, monkeypatch):
     stdout = Recorder()
     monkeypatch.setattr(sys, "stdout", stdout)
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "Hi", "--adapter", str(run_dir), "--max-new-tokens", "25", "--device", "cpu"])
+        main(["generate", "Hi", "--adapter", str(run_dir), "--max-new-tokens", "25", "--device", "cpu",
+              "--seed", "4", "--temperature", "0.8", "--top-k", "200"])
     assert exc.value.code == 0
-    assert stdout.flushes >= 25 and stdout.text.startswith("Hi")
+    monkeypatch.undo()
+    net, _ = load_with_adapter(str(run_dir), dtype="auto", device="cpu")
+    session = GenerationSession(net)
+    pieces = list(session.stream("Hi", SamplingConfig(25, 0.8, 200), session.generator(4)))
+    expected = ["Hi" + "".join(pieces[: i + 1]) for i in range(len(pieces))]
+    assert stdout.flushed[: len(pieces)] == expected and stdout.text == expected[-1] + "\n"
 
 
 def test_prompt_from_file_and_stdin(run_dir, tmp_path, cli, monkeypatch):

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=args, prog_name="lora-gpt2", standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
+    except SystemExit as exc:
+        # click turns a broken pipe into exit 1 after wrapping stdout; a reader that left
+        # (`generate | head`) is not an error, and `set -o pipefail` pipelines rely on exit 0
+        code = 0 if "PacifyFlushWrapper" in type(sys.stdout).__name__ else exc.code
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, ...
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lora-gpt2`: help, not an error
             print(exc.ctx.get_help())
