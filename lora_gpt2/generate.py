@@ -38,9 +38,15 @@ class SamplingConfig:
 
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
     """Pick the next token (B,) from the last position's logits (B, V)."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model produced logits that are not finite (NaN or inf); "
+                         "the adapter's tensors are damaged or diverged")
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    scaled = logits.float() / cfg.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small it overflows: its limit is greedy
+        return logits.argmax(dim=-1)
+    logits = scaled
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

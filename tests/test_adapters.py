@@ -1,7 +1,6 @@
 """Adapters in use: merge into a plain HF model, PEFT export/import, training agreement with PEFT."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -2,13 +2,10 @@
 
 import errno
 import json
-import os
 import pickle
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -6,9 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
-import time
 
 import pytest
 import torch
@@ -134,7 +131,7 @@ def test_readers_during_checkpoint_swaps_read_whole_checkpoints_and_write_nothin
     """A reader loop races a trainer that swaps last/ and best/ every step; every read is consistent,
     and the trainer, whose temporaries a reader used to delete, finishes cleanly."""
     out = tmp_path / "run"
-    trainer = start_training(tiny_checkpoint[0], text_data, out, "--max-steps", "250", "--eval-interval", "1",
+    trainer = start_training(tiny_checkpoint[0], text_data, out, "--max-steps", "120", "--eval-interval", "1",
                              "--save-interval", "1", "--log-interval", "1")
     wait_for_steps(trainer, 2)
     reads, problems = [], []
@@ -146,7 +143,7 @@ def test_readers_during_checkpoint_swaps_read_whole_checkpoints_and_write_nothin
                 problems.append(repr(exc))
     err = trainer.stderr.read()
     assert trainer.returncode == 0, err
-    assert problems == [] and len(reads) >= 100
+    assert problems == [] and len(reads) >= 50
     assert reads != sorted(reads) or len(set(reads)) > 10  # the reads did see the checkpoints change
 
 

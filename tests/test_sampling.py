@@ -45,3 +45,10 @@ def test_same_seed_same_tokens_and_high_temperature_flattens():
 def test_invalid_sampling_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_a_vanishing_temperature_is_greedy_and_non_finite_logits_are_named():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])  # every positive logit overflows to inf at this temperature
+    assert next_token(logits, SamplingConfig(temperature=1e-45), torch.Generator().manual_seed(0)).item() == 1
+    with pytest.raises(ValueError, match="logits that are not finite"):
+        next_token(torch.tensor([[1.0, float("nan")]]), SamplingConfig(), None)

@@ -2,7 +2,6 @@
 subscribers, a library-level generation session and evaluation, and the footguns removed."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from lora_gpt2 import layout, load_pretrained, lora
 from lora_gpt2.config import LoRAConfig, ModelConfig
 from lora_gpt2.model import GPT2, KVCache
 
-from helpers import ROOT, SAMPLE_TEXT, make_hf_model, train_config
+from helpers import ROOT, make_hf_model, train_config
 
 
 class ScaledOnly(lora.AdapterLayer, lora.FrozenLinear):

@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from lora_gpt2 import checkpoint, load_pretrained, tokenizer
-from lora_gpt2.lora import lora_parameters
+from lora_gpt2 import tokenizer
 
 from helpers import train_config
 

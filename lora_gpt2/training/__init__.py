@@ -5,7 +5,7 @@ Add a logger by writing a `Subscriber` (events.py) and passing it to `train(subs
 
 from .events import (Evaluated, Finished, Logged, Notice, Saved, Started, Stepped, Subscriber,
                      TrainResult)
-from . import factory
+from . import factory  # noqa: F401  (training.factory.build, for scripts)
 from .loop import Trainer, train
 from .optim import lr_factor
 

@@ -20,7 +20,7 @@ from ..flops import lora_training_flops_per_token, measure_matmul_flops
 from ..lora import count_parameters
 from ..train_config import TrainConfig
 from . import factory
-from .events import (Evaluated, Event, Finished, Logged, Notice, Saved, Started, Stepped, Subscriber,
+from .events import (Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber,
                      TrainResult)
 from .subscribers import LossPlot, MetricsLog
 
