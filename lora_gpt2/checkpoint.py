@@ -53,10 +53,6 @@ class AdapterInfo:
     lora: LoRAConfig
     meta: dict[str, Any]
 
-    @property
-    def eval_settings(self) -> dict[str, Any]:
-        return self.meta.get("eval") or {}
-
 
 @dataclass(frozen=True)
 class Checkpoint:

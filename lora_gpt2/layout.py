@@ -63,7 +63,3 @@ def module_paths(module: Module, n_layer: int) -> list[tuple[str, str]]:
         return [(module.ours, module.hf)]
     return [(module.ours.format(i=i), module.hf.format(i=i)) for i in range(n_layer)]
 
-
-def target_of(path: str) -> str:
-    """The target name of one of our module paths: "blocks.3.attn.qkv_projection" -> "qkv_projection"."""
-    return path.rsplit(".", 1)[-1]

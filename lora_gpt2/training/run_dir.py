@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from .. import checkpoint
-from ..atomic import TMP_MARK, write_text
+from ..atomic import remove_stale_temps, write_text
 from ..errors import CheckpointError, LoraGPT2Error, WriteError
 from .subscribers import METRICS_FILE, PLOT_FILE
 
@@ -83,9 +82,7 @@ def recover(out: Path) -> None:
     """For the lock holder: finish or undo interrupted checkpoint swaps, drop stale temporaries."""
     for name in checkpoint.CHECKPOINT_NAMES:
         checkpoint.recover_checkpoint(out / name)
-    for tmp in out.glob(f"{TMP_MARK}*"):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    remove_stale_temps(out)
 
 
 def existing_step(out: Path) -> int | None:
