@@ -16,7 +16,6 @@ from .errors import WriteError
 TMP_MARK = ".tmp-"
 
 
-
 def temp_path(path: Path) -> Path:
     return path.with_name(f"{TMP_MARK}{os.getpid()}-{path.name}")
 
@@ -63,6 +62,32 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
                 tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def remove_dead_temps(path: Path) -> list[Path]:
+    """Delete the temporaries of `path` (`.tmp-<pid>-NAME`) whose writer is no longer running.
+
+    For files that have no lock holder to clean up after a SIGKILL (downloads, prepared
+    data): a live writer's temporary is left alone, so two processes never race on it.
+    """
+    removed = []
+    for tmp in path.parent.glob(f"{TMP_MARK}*-{path.name}"):
+        pid = tmp.name[len(TMP_MARK):-len(path.name) - 1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

@@ -1,7 +1,13 @@
-"""Fetch a text file like a package manager would: timeouts, retries, checksum, atomic rename."""
+"""Fetch a text file like a package manager would: timeouts, retries, checksum, atomic rename.
+
+What lands at `dest` is always a complete, verified UTF-8 text: a binary body, a checksum
+mismatch, a server that trickles past the deadline, or a signal leaves the previous file
+(or none) and no temporary.
+"""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import time
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_open
+from .atomic import atomic_open, remove_dead_temps
 from .errors import DownloadError
 
 TINY_SHAKESPEARE_URL = (
@@ -29,11 +35,64 @@ class RetryPolicy:
     attempts: int = 5
     backoff: float = 1.0  # seconds before the 2nd attempt; doubles each time
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0  # silence between two packets
+    deadline: float = 1800.0  # the whole download, all attempts: a trickling server is given up on
 
 
 class _Retryable(Exception):
     """A failure worth another attempt (connection, timeout, 5xx, short body)."""
+
+
+class _Body:
+    """Where the received bytes go: the file, its sha256, a UTF-8 check, the progress callback,
+    and the overall deadline, all fed one block at a time."""
+
+    def __init__(self, url: str, out, progress: Progress | None, deadline_at: float,
+                 deadline: float) -> None:
+        self.url, self.out, self.progress = url, out, progress
+        self.deadline_at, self.deadline = deadline_at, deadline
+        self.restart()
+
+    def restart(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.digest = hashlib.sha256()
+        self.text = codecs.getincrementaldecoder("utf-8")()
+        self.received = 0
+
+    def add(self, block: bytes, total: int | None) -> None:
+        self._check_text(block)
+        self.out.write(block)
+        self.digest.update(block)
+        self.received += len(block)
+        if self.progress:
+            self.progress(len(block), total)
+        self.check_deadline()
+
+    def finish(self) -> str:
+        if self.received == 0:
+            raise DownloadError(f"{self.url} is empty; nothing was saved")
+        self._check_text(b"", final=True)
+        return self.digest.hexdigest()
+
+    def check_deadline(self) -> None:
+        if time.monotonic() > self.deadline_at:
+            raise DownloadError(
+                f"download of {self.url} gave up after {self.deadline:g} s (the --timeout) with "
+                f"{self.received:,} bytes received; the server is too slow or stalled"
+            )
+
+    def _check_text(self, block: bytes, final: bool = False) -> None:
+        at = block.find(b"\x00")
+        if at >= 0:
+            raise DownloadError(f"{self.url} is binary (a NUL byte at offset {self.received + at}), "
+                                "not UTF-8 text; nothing was saved")
+        pending = len(self.text.getstate()[0])  # bytes of a character split across blocks
+        try:
+            self.text.decode(block, final=final)
+        except UnicodeDecodeError as exc:
+            raise DownloadError(f"{self.url} is not UTF-8 text (invalid byte at offset "
+                                f"{self.received - pending + exc.start}); nothing was saved") from None
 
 
 def sha256_of(path: Path) -> str:
@@ -70,9 +129,11 @@ def fetch(
         raise DownloadError(f"cannot create data directory {dest.parent}: {exc.strerror or exc}") from None
     if not os.access(dest.parent, os.W_OK):
         raise DownloadError(f"data directory {dest.parent} is not writable")
+    remove_dead_temps(dest)  # left by a download that was SIGKILLed
     try:
         with atomic_open(dest, "wb") as out:
-            digest = _copy_with_retries(url, out, policy, progress, sleep)
+            body = _Body(url, out, progress, time.monotonic() + policy.deadline, policy.deadline)
+            digest = _copy_with_retries(url, body, policy, sleep)
             if sha256 is not None and digest != sha256:
                 raise DownloadError(
                     f"checksum mismatch for {url}: got sha256 {digest}, expected {sha256}"
@@ -81,42 +142,39 @@ def fetch(
         raise DownloadError(f"cannot write {dest}: {exc.strerror}") from None
 
 
-def _copy_with_retries(url, out, policy: RetryPolicy, progress, sleep) -> str:
+def _copy_with_retries(url, body: _Body, policy: RetryPolicy, sleep) -> str:
     last = ""
     for attempt in range(policy.attempts):
         if attempt:
-            sleep(policy.backoff * 2 ** (attempt - 1))
-            out.seek(0)
-            out.truncate()
-        digest = hashlib.sha256()
+            wait = min(policy.backoff * 2 ** (attempt - 1), max(0.0, body.deadline_at - time.monotonic()))
+            sleep(wait)
+            body.check_deadline()
+            body.restart()
         try:
             if url.startswith("file:"):
-                _copy_file(url, out, digest, progress)
+                _copy_file(url, body)
             else:
-                _copy_http(url, out, digest, policy, progress)
-            return digest.hexdigest()
+                _copy_http(url, body, policy)
+            return body.finish()
         except _Retryable as exc:
             last = str(exc)
     raise DownloadError(f"download of {url} failed after {policy.attempts} attempts: {last}")
 
 
-def _copy_file(url: str, out, digest, progress) -> None:
+def _copy_file(url: str, body: _Body) -> None:
     path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
     try:
         with open(path, "rb") as src:
             total = os.fstat(src.fileno()).st_size
             for block in iter(lambda: src.read(CHUNK), b""):
-                out.write(block)
-                digest.update(block)
-                if progress:
-                    progress(len(block), total)
+                body.add(block, total)
     except FileNotFoundError:
         raise DownloadError(f"{url}: no such file") from None
     except IsADirectoryError:
         raise DownloadError(f"{url}: is a directory, not a file") from None
 
 
-def _copy_http(url: str, out, digest, policy: RetryPolicy, progress) -> None:
+def _copy_http(url: str, body: _Body, policy: RetryPolicy) -> None:
     import requests
 
     try:
@@ -130,13 +188,12 @@ def _copy_http(url: str, out, digest, policy: RetryPolicy, progress) -> None:
                 raise DownloadError(f"download of {url} failed: HTTP {status} {response.reason}")
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            # The checksum is of the file, so a gzip transfer encoding is undone; the length
-            # check counts the bytes on the wire (raw.tell()), which Content-Length describes.
-            for block in response.raw.stream(CHUNK, decode_content=True):
-                out.write(block)
-                digest.update(block)
-                if progress:
-                    progress(len(block), total)
+            # read1: whatever has arrived (at most one socket read), so the deadline is checked
+            # however slowly bytes trickle in. The checksum is of the file, so a gzip transfer
+            # encoding is undone; the length check counts the bytes on the wire (raw.tell()),
+            # which Content-Length describes.
+            while block := response.raw.read1(CHUNK, decode_content=True):
+                body.add(block, total)
             received = response.raw.tell()
             if total is not None and received < total:
                 raise _Retryable(f"body shorter than Content-Length ({received} of {total} bytes)")

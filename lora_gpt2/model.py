@@ -21,14 +21,24 @@ from .config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .loss import fused_lm_head_loss
 
 
+def _check_rank(name: str, rows: int, cols: int, cfg: LoRAConfig) -> None:
+    # B @ A has rank at most min(rows, cols): a larger r only costs memory (and r = 10^8 would
+    # try to allocate it before anything else could say why)
+    if cfg.r > min(rows, cols):
+        raise ValueError(f"rank r={cfg.r} is more than {name} can use: its weight is {rows} x {cols}, "
+                         f"so its full rank is {min(rows, cols)}; choose a rank of at most {min(rows, cols)}")
+
+
 def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig) -> nn.Module:
     if name in cfg.targets:
+        _check_rank(name, n_out, n_in, cfg)
         return lora.Linear(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     return lora.FrozenLinear(n_in, n_out, bias)
 
 
 def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
     if name in cfg.targets:
+        _check_rank(name, num, dim, cfg)
         return lora.Embedding(num, dim, r=cfg.r, alpha=cfg.alpha)
     return lora.FrozenEmbedding(num, dim)
 

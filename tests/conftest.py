@@ -12,6 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the netw
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The suite's own lora-gpt2 cache (children inherit it): nothing lands in the user's."""
+    os.environ["LORA_GPT2_CACHE"] = str(tmp_path_factory.mktemp("lora-gpt2-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """(directory, HF model) of a tiny GPT-2 with the full 50257-token vocabulary."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Server:
     def __init__(self, body: bytes) -> None:
         self.body = body
+        self.trickle_every = 0.25  # seconds between the bytes of /trickle
         self.hits: Counter[str] = Counter()
         server = self
 
@@ -61,6 +63,27 @@ class Server:
 
     def route_corrupt(self, h, hit):
         self.send(h, 200, self.body.replace(b"e", b"E"))
+
+    def route_binary(self, h, hit):  # a body that is not text (here: a gzip header and NULs)
+        self.send(h, 200, b"\x1f\x8b\x08\x00" + bytes(range(256)))
+
+    def route_latin1(self, h, hit):  # text, but not UTF-8
+        self.send(h, 200, "caf\u00e9 au lait\n".encode("latin-1"))
+
+    def route_empty(self, h, hit):
+        self.send(h, 200, b"")
+
+    def route_trickle(self, h, hit):  # one byte at a time: never silent long enough to time out
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(self.body)))
+        h.end_headers()
+        try:
+            for i in range(len(self.body)):
+                h.wfile.write(self.body[i : i + 1])
+                h.wfile.flush()
+                time.sleep(self.trickle_every)
+        except OSError:  # the client gave up
+            h.close_connection = True
 
 
 @contextlib.contextmanager

@@ -115,3 +115,69 @@ def test_odd_sized_bin_is_refused(tmp_path):
     path = write(tmp_path, "x.bin", b"\x00\x01\x02")
     with pytest.raises(DataError, match="has 3 bytes, not a whole number of uint16 tokens"):
         open_tokens(path)
+
+
+def _tree(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_read_only_dataset_folder_is_prepared_into_the_cache_and_used(tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+
+    from helpers import cli_command, read_only, subprocess_env
+
+    share = tmp_path / "share"
+    share.mkdir()
+    write(share, "input.txt", SAMPLE_TEXT)
+    cache = tmp_path / "cache"
+    env = subprocess_env(LORA_GPT2_CACHE=str(cache))
+    before = _tree(share)
+    train = ["train", "--model", tiny_checkpoint[0], "--data", share, "--targets", "qkv_projection", "--rank", "2",
+             "--block-size", "16", "--batch-size", "2", "--max-steps", "1", "--dtype", "float32", "--device", "cpu"]
+    for run in ("a", "b"):
+        done = subprocess.run(read_only([share], cli_command(*train, "--out", tmp_path / run)), env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        if run == "a":
+            [folder] = (cache / "data").iterdir()
+            meta = json.loads((folder / "meta.json").read_text())
+            stamp = (folder / "train.bin").stat().st_mtime_ns
+    assert _tree(share) == before  # nothing written to the share, not even a temporary
+    assert (folder / "train.bin").stat().st_mtime_ns == stamp  # the second run used the cache
+    assert meta["text"] == str((share / "input.txt").resolve()) and folder.name == meta["text_sha256"][:16]
+    ids = np.fromfile(folder / "train.bin", np.uint16).tolist() + np.fromfile(folder / "val.bin", np.uint16).tolist()
+    assert tokenizer.decode(ids) == SAMPLE_TEXT
+
+    # a share prepared beside its text is read from there, and eval reads it as well
+    prep.ensure_prepared(share)
+    before = _tree(share)
+    done = subprocess.run(read_only([share], cli_command("eval", "--model", tiny_checkpoint[0], "--data", share,
+                                                         "--adapter", tmp_path / "a", "--block-size", "16",
+                                                         "--device", "cpu", "--json")),
+                          env=subprocess_env(LORA_GPT2_CACHE=str(tmp_path / "unused")), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["adapter"]["loss"] > 0
+    assert _tree(share) == before and not os.path.exists(tmp_path / "unused")
+
+
+def test_read_only_folder_and_cache_is_one_line_naming_the_setting(tmp_path):
+    import subprocess
+
+    from helpers import cli_command, read_only, subprocess_env
+
+    share, cache = tmp_path / "share", tmp_path / "cache"
+    share.mkdir()
+    cache.mkdir()
+    write(share, "input.txt", SAMPLE_TEXT)
+    done = subprocess.run(read_only([share, cache], cli_command("train", "--model", tmp_path / "no-model", "--data",
+                                                                share, "--out", tmp_path / "run")),
+                          env=subprocess_env(LORA_GPT2_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"lora-gpt2: error: {share} is read-only and the cache cannot take the token files either (")
+    assert done.stderr.strip().endswith("set LORA_GPT2_CACHE to a writable folder")
+    assert list(share.iterdir()) == [share / "input.txt"] and list(cache.iterdir()) == []
+    assert not (tmp_path / "run").exists()  # the refused run left no folder behind

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +127,111 @@ def test_unwritable_data_dir_is_one_line(tmp_path, cli):
 def test_bad_sha256_option(tmp_path, cli):
     code, _, err = cli("download-data", "--data-dir", tmp_path, "--sha256", "xyz")
     assert (code, err.strip()) == (1, "lora-gpt2: error: --sha256 must be 64 hex digits, got 'xyz'")
+
+
+@pytest.mark.parametrize("route, message", [
+    ("binary", r"/binary is binary \(a NUL byte at offset 3\), not UTF-8 text; nothing was saved"),
+    ("latin1", r"/latin1 is not UTF-8 text \(invalid byte at offset 3\); nothing was saved"),
+    ("empty", r"/empty is empty; nothing was saved"),
+])
+def test_a_body_that_is_not_text_is_refused_and_the_old_file_kept(server, tmp_path, cli, route, message):
+    (tmp_path / "input.txt").write_bytes(BODY)
+    code, _, err = cli("download-data", "--data-dir", tmp_path, "--url", f"{server.url}/{route}", "--force")
+    assert code == 1
+    assert re.search(message, err.strip().splitlines()[-1]), err
+    assert (tmp_path / "input.txt").read_bytes() == BODY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
+    assert server.hits[f"/{route}"] == 1  # the content, not the connection: not retried
+
+
+def test_file_url_of_a_binary_file_is_refused(tmp_path, cli):
+    src = tmp_path / "model.bin"
+    src.write_bytes(bytes(range(256)) * 10)
+    data = tmp_path / "data"
+    code, _, err = cli("download-data", "--data-dir", data, "--url", src.as_uri())
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"lora-gpt2: error: {src.as_uri()} is binary (a NUL byte at offset 0), not UTF-8 text; nothing was saved")
+    assert list(data.iterdir()) == []
+
+
+def test_utf8_character_split_across_blocks_is_text(tmp_path):
+    from lora_gpt2 import download
+
+    text = ("é" * (download.CHUNK // 2 + 1) + "\n").encode()  # a 2-byte char straddles each block end
+    src = tmp_path / "src.txt"
+    src.write_bytes(text)
+    fetch(src.as_uri(), tmp_path / "input.txt", policy=FAST)
+    assert (tmp_path / "input.txt").read_bytes() == text
+
+
+def test_a_trickling_server_is_given_up_on_at_the_deadline(server, tmp_path, cli):
+    import time
+
+    server.trickle_every = 0.1  # far below the read timeout: only the deadline can stop it
+    start = time.monotonic()
+    code, _, err = cli("download-data", "--data-dir", tmp_path, "--url", server.url + "/trickle", "--timeout", "1.5")
+    took = time.monotonic() - start
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lora-gpt2: error: download of {server.url}/trickle gave up after 1.5 s (the --timeout) with ")
+    received = int(last.split(" with ")[1].split(" bytes")[0].replace(",", ""))
+    assert 3 <= received < len(BODY)
+    assert 1.5 <= took < 6
+    assert server.hits["/trickle"] == 1 and list(tmp_path.iterdir()) == []
+
+
+def _wait_for(predicate, seconds=30.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_during_download_leaves_no_temporary(server, tmp_path, name, code):
+    import signal
+    import subprocess
+
+    from helpers import cli_command, subprocess_env
+
+    server.trickle_every = 0.05
+    proc = subprocess.Popen(cli_command("download-data", "--data-dir", tmp_path, "--url", server.url + "/trickle"),
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()))
+    time.sleep(0.5)  # mid-body: bytes are arriving
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"lora-gpt2: error: stopped by {name}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_later_download_removes_a_killed_downloads_temporary_but_not_a_live_one(server, tmp_path, cli):
+    import signal
+    import subprocess
+
+    from helpers import cli_command, subprocess_env
+
+    server.trickle_every = 0.05
+    proc = subprocess.Popen(cli_command("download-data", "--data-dir", tmp_path, "--url", server.url + "/trickle"),
+                            env=subprocess_env(), stderr=subprocess.DEVNULL)
+    _wait_for(lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()))
+    time.sleep(0.5)  # mid-body: bytes are arriving
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    dead = tmp_path / f".tmp-{proc.pid}-input.txt"
+    assert dead.is_file()  # SIGKILL runs no cleanup
+    writer = subprocess.Popen(["sleep", "60"])  # stands for another download in progress
+    live = tmp_path / f".tmp-{writer.pid}-input.txt"
+    live.write_bytes(b"in progress")
+    try:
+        code, _, err = cli("download-data", "--data-dir", tmp_path, "--url", server.url + "/ok")
+        assert code == 0, err
+        assert not dead.exists() and live.read_bytes() == b"in progress"
+        assert (tmp_path / "input.txt").read_bytes() == BODY
+    finally:
+        writer.kill()
+        writer.wait()

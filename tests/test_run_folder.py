@@ -3,6 +3,7 @@ before it touches anything, and outputs that never land inside a run."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,3 +269,47 @@ def test_a_reader_that_leaves_is_not_an_error(finished_run, tmp_path):
                               env=subprocess_env(), capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert "error" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/no-model"], "{tmp}/no-model"),
+    (["--data", "{tmp}/no-data.txt"], "data '{tmp}/no-data.txt' not found"),
+    (["--data", "{tmp}/binary.txt"], "binary.txt looks binary (it holds NUL bytes), not UTF-8 text"),
+    (["--rank", "100000000"], "rank r=100000000 is more than qkv_projection can use: its weight is 96 x 32, so its "
+                              "full rank is 32; choose a rank of at most 32"),
+    (["--block-size", "1000"], "block_size 1000 is longer than the model's context of 64"),
+    (["--resume"], "nothing to resume in {tmp}/run"),
+    (["--max-steps", "1", "--targets", "attn", "--eval-batches", "1000000"], None),  # accepted: the control
+])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "folder-with-a-file"])
+def test_a_refused_train_leaves_the_out_folder_as_it_was(tiny_checkpoint, text_data, tmp_path, cli, args, message,
+                                                         existing):
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, _, err = cli("train", "--model", tiny_checkpoint[0], "--data", text_data, "--out", out, *FAST, *args)
+    if message is None:
+        assert code == 0 and (out / "config.json").is_file(), err
+        return
+    assert code == 1
+    [line] = err.strip().splitlines()[-1:]
+    assert line.startswith("lora-gpt2: error: ") and message.format(tmp=tmp_path) in line, err
+    if existing:  # someone else's folder stays, with at most the (released) lock added
+        assert {p.name for p in out.iterdir()} - {".lock"} == {"notes.txt"}
+        assert (out / "notes.txt").read_text() == "mine"
+    else:  # a folder made for the run goes with it
+        assert not out.exists()
+
+
+def test_a_diverging_run_with_no_checkpoint_yet_does_not_name_one(tiny_checkpoint, text_data, tmp_path, cli):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_checkpoint[0], "--data", text_data, "--out", out, *FAST,
+                       "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "20", "--eval-interval", "100")
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"lora-gpt2: error: loss became (nan|inf) at step \d+ \(--lr 1e\+30\); "
+                        r"stopped without saving. No checkpoint was saved yet: start again with a lower --lr", line), line
+    assert not (out / "last").exists()

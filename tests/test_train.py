@@ -97,7 +97,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, text
 
     monkeypatch.setattr(GPT2, "forward", poisoned)
     cfg = train_config(path, text_data, tmp_path / "run", max_steps=10, eval_interval=100, save_interval=2)
-    with pytest.raises(TrainingStopped, match=r"loss became nan at step 6; stopped without saving.*run/last"):
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 6 \(--lr 0.003\); "
+                       r"stopped without saving. The last good checkpoint is \S*run/last \(step 4\): continue "
+                       r"with --resume and a lower --lr$"):
         train(cfg)
     assert checkpoint.read_adapter_info(tmp_path / "run" / "last").meta["step"] == 4
     assert checkpoint.load_state(tmp_path / "run" / "last")["step"] == 4

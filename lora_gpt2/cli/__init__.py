@@ -16,6 +16,7 @@ from .. import __version__
 from . import data_cmd, train_cmd, use_cmd  # noqa: F401  (they register their commands)
 from .app import app
 from .output import error_line
+from .signals import ExitOnSignals, Terminated
 
 
 def _version(value: bool) -> None:
@@ -59,7 +60,7 @@ def _with_value(message: str, argv: list[str] | None) -> str:
 def _runtime_message(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate" in text:
-        return f"out of memory ({text[:160]}); reduce --batch-size or --block-size, or use --dtype bfloat16"
+        return f"out of memory ({text[:160]}); reduce --batch-size, --block-size or --rank, or use --dtype bfloat16"
     return f"{type(exc).__name__}: {text[:300]} (LORA_GPT2_DEBUG=1 shows the traceback)"
 
 
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     args = _spell_resume_auto(sys.argv[1:] if argv is None else list(argv))
     try:
-        code = command.main(args=args, prog_name="lora-gpt2", standalone_mode=False)
+        with ExitOnSignals():
+            code = command.main(args=args, prog_name="lora-gpt2", standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except SystemExit as exc:
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         print(error_line("interrupted"), file=sys.stderr)
         code = 130
+    except Terminated as exc:
+        print(error_line(f"stopped by {exc.name}"), file=sys.stderr)
+        code = exc.exit_code
     except BrokenPipeError:
         _silence_stdout()
         code = 0

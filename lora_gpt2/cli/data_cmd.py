@@ -29,6 +29,8 @@ def download_data_cmd(
     force: bool = typer.Option(False, "--force", help="Fetch and prepare again even if present."),
     retries: int = typer.Option(4, "--retries", min=0, max=20,
                                 help="Retries on connection errors, timeouts and 5xx."),
+    timeout: float = typer.Option(1800.0, "--timeout", min=1.0,
+                                  help="Give up on the whole download (all retries) after this many seconds."),
 ) -> None:
     """Download Tiny Shakespeare (or --url) into --data-dir and write train.bin, val.bin, meta.json."""
     from ..download import (
@@ -55,7 +57,7 @@ def download_data_cmd(
                 bar.update(n)
 
             fetch(source, dest, sha256=expected, progress=on_bytes,
-                  policy=RetryPolicy(attempts=retries + 1))
+                  policy=RetryPolicy(attempts=retries + 1, deadline=timeout))
         say(f"saved {dest}" + (" (sha256 verified)" if expected else ""))
 
     info = None if force else current_meta(dest)

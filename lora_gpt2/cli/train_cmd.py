@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -12,9 +11,9 @@ import typer
 
 from .app import app
 from .output import is_terminal, progress, say
+from .signals import SIGNAL_EXIT, StopOnSignals
 
 Opt = typer.Option
-SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129, "SIGUSR1": 138}  # 128 + signal number
 
 
 def _default(key: str) -> str:
@@ -134,46 +133,7 @@ def _ensure_default_data(config) -> None:
     if os.environ.get("RANK", "0") != "0" or data.exists() or config.data.data != DEFAULT_DATA_DIR:
         return
     say(f"{data} not found: downloading Tiny Shakespeare first")
-    download_data_cmd(data_dir=data, url=None, sha256=None, force=False, retries=4)
-
-
-class StopOnSignals:
-    """SIGINT (Ctrl-C), SIGTERM (a scheduler's stop), SIGHUP (the terminal closed) and SIGUSR1
-    (Slurm's --signal) all ask for the same thing: finish the step, checkpoint, stop. A second
-    Ctrl-C stops at once."""
-
-    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.previous: dict[int, object] = {}
-
-    def requested(self) -> str | None:
-        return self.reason
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.reason is not None and name == "SIGINT":
-            raise KeyboardInterrupt
-        if self.reason is None:
-            self.reason = name
-            say(f"\n{name}: saving a checkpoint after this step"
-                + (" (Ctrl-C again to stop at once)" if name == "SIGINT" else ""))
-
-    def __enter__(self):
-        for name in self.SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is None:
-                continue
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                break
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
+    download_data_cmd(data_dir=data, url=None, sha256=None, force=False, retries=4, timeout=1800.0)
 
 
 class TrainView:

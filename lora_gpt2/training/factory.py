@@ -74,7 +74,7 @@ def build(config: TrainConfig, dist: distributed.Dist, resume: str) -> Run:
         run = _build(config, dist, resume, out)
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.abandon()
         raise
     run.lock = lock
     return run

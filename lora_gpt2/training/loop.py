@@ -19,7 +19,7 @@ from ..evaluation import mean_loss
 from ..flops import lora_training_flops_per_token, measure_matmul_flops
 from ..lora import count_parameters
 from ..train_config import TrainConfig
-from . import factory
+from . import factory, run_dir
 from .events import (Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber,
                      TrainResult)
 from .subscribers import LossPlot, MetricsLog
@@ -97,6 +97,15 @@ class Trainer:
         r.optimizer.zero_grad(set_to_none=True)
         return total.item()
 
+    def _diverged(self, loss: float) -> str:
+        r = self.run_
+        what = f"loss became {loss} at step {r.step + 1} (--lr {r.config.optim.lr:g}); stopped without saving. "
+        saved = run_dir.existing_step(r.out)
+        if saved is None:
+            return what + "No checkpoint was saved yet: start again with a lower --lr"
+        return (what + f"The last good checkpoint is {r.out / 'last'} (step {saved}): "
+                "continue with --resume and a lower --lr")
+
     def run(self, should_stop: StopCheck = lambda: None, stop_after: int | None = None,
             measure_mfu: bool = False) -> TrainResult:
         r, cfg = self.run_, self.run_.config.run
@@ -113,9 +122,7 @@ class Trainer:
         while r.step < r.max_steps:
             loss = self.train_step()
             if distributed.any_rank(r.dist, not math.isfinite(loss)):
-                raise TrainingStopped(
-                    f"loss became {loss} at step {r.step + 1}; stopped without saving. "
-                    f"The last good checkpoint is {r.out / 'last'}")
+                raise TrainingStopped(self._diverged(loss))
             r.step += 1
             interval_steps += 1
             now = time.perf_counter()

@@ -30,10 +30,12 @@ class RunLock:
     def __init__(self, out: Path) -> None:
         self.out = out
         self._fd: int | None = None
+        self.created = False  # whether acquire made the folder
 
     def acquire(self) -> "RunLock":
         import fcntl
 
+        self.created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -64,6 +66,16 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release after a refused start: a folder that acquire made, and that still holds
+        nothing but the lock, goes too, so a typo in --model leaves no empty run behind."""
+        created = self.created and self._fd is not None
+        if created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (self.out / LOCK_FILE).unlink()
+                self.out.rmdir()
+        self.release()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
