@@ -40,7 +40,9 @@ PREVIOUS = ".prev-"
 CHECKPOINT_NAMES = ("best", "last")  # what a run folder holds, in the order a reader prefers
 READ_ATTEMPTS = 6  # a reader that meets a swap in progress reads again (a swap takes milliseconds)
 # adapter.json "eval" settings -> their type (what `lora-gpt2 eval` reproduces the run's numbers with)
-EVAL_SETTINGS = {"data": str, "block_size": int, "batch_size": int, "eval_batches": int}
+EVAL_SETTINGS = {"data": str, "block_size": int, "batch_size": int, "eval_batches": int, "data_kind": str,
+                 "mask_prompt": bool, "text_column": str, "prompt_column": str, "completion_column": str}
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,8 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
         raise CheckpointError(f"{meta_path}: eval must be an object, got {settings!r}")
     for key, kind in EVAL_SETTINGS.items():
         value = (settings or {}).get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise CheckpointError(f"{meta_path}: eval.{key} must be {'a string' if kind is str else 'an integer'}, "
-                                  f"got {value!r}")
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CheckpointError(f"{meta_path}: eval.{key} must be {_TYPE_WORDS[kind]}, got {value!r}")
     return AdapterInfo(meta_path.parent, meta.get("base_model") or "", meta.get("base_fingerprint"), cfg, meta)
 
 

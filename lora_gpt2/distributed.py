@@ -74,6 +74,15 @@ def any_rank(d: Dist, flag: bool) -> bool:
     return bool(t.item())
 
 
+def mean_all(d: Dist, value: float) -> float:
+    """The mean of `value` over ranks (a NaN or inf on any rank makes it non-finite everywhere)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

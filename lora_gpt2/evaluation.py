@@ -8,33 +8,35 @@ from typing import Any, Callable
 
 import torch
 
-from .data import eval_windows, open_tokens
+from .data import Options, ensure_prepared, eval_batches, mask_prompt_for
 from .model import GPT2
-from .prepare import ensure_prepared
 from .train_config import DataSettings, RunSettings
 
 # What a recorded setting is called in adapter.json, with the value used when neither the
 # adapter nor the caller gives one: the training defaults, so an unrecorded run still matches.
 DEFAULTS = {"data": DataSettings().data, "block_size": DataSettings().block_size,
-            "batch_size": DataSettings().batch_size, "eval_batches": RunSettings().eval_batches}
+            "batch_size": DataSettings().batch_size, "eval_batches": RunSettings().eval_batches,
+            "mask_prompt": None, "text_column": None, "prompt_column": None, "completion_column": None}
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, windows, device: torch.device,
+def mean_loss(model: torch.nn.Module, batches, device: torch.device,
               interrupted: Callable[[], bool] = lambda: False) -> float | None:
-    """Mean next-token loss over the evaluation windows (each window weighs the same);
-    None when `interrupted()` turned true between two batches."""
+    """Mean next-token loss over every counted target of the evaluation batches (padding and
+    masked prompts are not counted, as in training); None when `interrupted()` turned true
+    between two batches."""
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, counted = 0.0, 0
     try:
-        for x, y in windows:
+        for x, y in batches:
             if interrupted():
                 return None
-            total += model(x.to(device), targets=y.to(device)).item() * x.size(0)
+            total += model(x.to(device), targets=y.to(device), reduction="sum").item()
+            counted += int((y >= 0).sum())
     finally:
         model.train(was_training)
-    return total / sum(x.size(0) for x, _ in windows)
+    return total / counted if counted else math.nan
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,22 @@ class EvalSettings:
     block_size: int
     batch_size: int
     eval_batches: int
+    mask_prompt: bool | None = None
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+
+    @property
+    def options(self) -> Options:
+        return Options(self.text_column, self.prompt_column, self.completion_column)
 
 
 def resolve_settings(recorded: dict[str, Any], context: int, **given: Any) -> EvalSettings:
     """A given value beats the adapter's recorded one, which beats the default; each is checked."""
     values = {}
+    if given.get("data") is not None and given["data"] != recorded.get("data"):
+        # other data: how the run's data was read (CSV columns, masking) says nothing about it
+        recorded = {k: v for k, v in recorded.items() if k in ("block_size", "batch_size", "eval_batches")}
     for name, default in DEFAULTS.items():
         value = given.get(name)
         if value is None:
@@ -56,7 +69,7 @@ def resolve_settings(recorded: dict[str, Any], context: int, **given: Any) -> Ev
             value = min(default, context) if name == "block_size" else default
         values[name] = value
     for name in ("block_size", "batch_size", "eval_batches"):
-        if values[name] < 1:
+        if isinstance(values[name], bool) or not isinstance(values[name], int) or values[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
     if values["block_size"] > context:
         raise ValueError(f"block size {values['block_size']} is longer than the model's context of {context}")
@@ -70,11 +83,15 @@ class EvalReport:
     block_size: int
     base_loss: float
     adapter_loss: float | None
+    counted: int = 0  # targets the loss counts
+    kind: str = "text"
+    mask_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: a loss that is not finite is null, with the reason beside it (NaN is not JSON)."""
-        result: dict[str, Any] = {"data": self.data, "windows": self.windows, "block_size": self.block_size,
-                                  "base": _loss_entry(self.base_loss)}
+        result: dict[str, Any] = {"data": self.data, "kind": self.kind, "mask_prompt": self.mask_prompt,
+                                  "windows": self.windows, "block_size": self.block_size,
+                                  "counted_tokens": self.counted, "base": _loss_entry(self.base_loss)}
         if self.adapter_loss is not None:
             result["adapter"] = _loss_entry(self.adapter_loss)
         return result
@@ -88,11 +105,13 @@ def _loss_entry(loss: float) -> dict[str, Any]:
 
 def compare(model: GPT2, settings: EvalSettings, with_adapter: bool) -> EvalReport:
     """Loss of the base model (adapter disabled) and, when asked, of base + adapter, on the same windows."""
-    prepared = ensure_prepared(settings.data)
-    windows = eval_windows(open_tokens(prepared.val), settings.block_size, settings.batch_size,
-                           settings.eval_batches)
+    prepared = ensure_prepared(settings.data, settings.options)
+    mask = mask_prompt_for(prepared, settings.mask_prompt)
+    batches = eval_batches(prepared, block_size=settings.block_size, batch_size=settings.batch_size,
+                           max_batches=settings.eval_batches, mask_prompt=mask)
     device = model.token_embedding.weight.device
-    adapted = mean_loss(model, windows, device) if with_adapter else None
+    adapted = mean_loss(model, batches, device) if with_adapter else None
     with model.lora_disabled():
-        base = mean_loss(model, windows, device)
-    return EvalReport(str(prepared.val), sum(x.size(0) for x, _ in windows), settings.block_size, base, adapted)
+        base = mean_loss(model, batches, device)
+    return EvalReport(str(prepared.val), sum(x.size(0) for x, _ in batches), settings.block_size, base, adapted,
+                      sum(int((y >= 0).sum()) for _, y in batches), prepared.kind, mask)

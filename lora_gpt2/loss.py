@@ -4,7 +4,8 @@ Full logits for a batch are (tokens x 50257): 200 MB in float32 for 1,024 tokens
 much again for their gradient. Here each chunk's logits live only while its loss and its
 gradients are computed, in the forward pass itself (softmax - one-hot is the gradient of
 cross-entropy), so what autograd keeps is the (tokens x d) gradient of the hidden states.
-The softmax and the loss are always computed in float32.
+The softmax and the loss are always computed in float32. A target < 0 (padding, a masked
+prompt) adds nothing to the loss or the gradients; "mean" divides by the counted targets.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ CHUNK_TOKENS = 256
 
 
 class _FusedLMHeadLoss(torch.autograd.Function):
-    """Mean CE of (h @ W^T + scaling * (h @ A^T) @ B^T) against targets; A, B optional (LoRA)."""
+    """Summed CE of (h @ W^T + scaling * (h @ A^T) @ B^T) against targets (< 0: not counted),
+    divided by `divisor`; A, B optional (LoRA)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, lora_a, lora_b, scaling, chunk, grad_enabled):
+    def forward(ctx, h, weight, targets, lora_a, lora_b, scaling, chunk, grad_enabled, divisor, partial):
         n = h.size(0)
         # forward runs with grad mode off, so the caller says whether gradients are wanted
         need_h = grad_enabled and ctx.needs_input_grad[0]
@@ -34,18 +36,24 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, n, chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]  # (c, d), (c,)
+            if partial:
+                keep = tc >= 0  # (c,)
+                tc = tc.clamp(min=0)
             logits = F.linear(hc, weight)  # (c, V)
             if a is not None:
                 low = F.linear(hc, a)  # (c, r)
                 logits = torch.add(logits, F.linear(low, b), alpha=scaling)
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (c, V), one fused pass
             rows = torch.arange(logp.size(0), device=logp.device)
-            total -= logp[rows, tc].sum()
+            picked = logp[rows, tc]  # (c,)
+            total -= (picked * keep).sum() if partial else picked.sum()
             if not (need_h or need_lora):
                 continue
             # d(sum CE)/d(logits) = softmax - onehot, built in place over the log-probabilities
             g = logp.exp_()
             g[rows, tc] -= 1.0
+            if partial:
+                g *= keep.unsqueeze(1)  # an ignored target has no gradient
             g = g.to(h.dtype)  # (c, V)
             g_low = g @ b if a is not None else None  # (c, r)
             if need_h:
@@ -54,14 +62,14 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             if need_lora:
                 grad_b += (g.T @ low).float() * scaling  # (V, r)
                 grad_a += (g_low.T @ hc).float() * scaling  # (r, d)
-        ctx.n = n
+        ctx.divisor = divisor
         ctx.save_for_backward(grad_h, grad_a, grad_b)
-        return total / n
+        return total / divisor
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_a, grad_b = ctx.saved_tensors
-        scale = grad_out / ctx.n
+        scale = grad_out / ctx.divisor
         return (
             grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
             None,
@@ -71,21 +79,32 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
+REDUCTIONS = ("mean", "sum")
+
+
 def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                       chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token loss of hidden states h (B, T, d) through `lm_head` against targets (B, T).
+                       chunk: int = CHUNK_TOKENS, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of hidden states h (B, T, d) through `lm_head` against targets (B, T):
+    the mean over the counted targets (those >= 0), or their sum.
 
     The output layer says what the fused path may use (`lora.head_terms`); a layer that cannot
     say (dropout on its LoRA input while training, a variant with other maths) is computed
     through its own forward, which is always right, only not as lean.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     flat_h = h.reshape(-1, h.size(-1))  # (B*T, d)
     flat_t = targets.reshape(-1)  # (B*T,)
     terms = head_terms(lm_head)
     if terms is None:
-        return F.cross_entropy(lm_head(flat_h).float(), flat_t)
+        return F.cross_entropy(lm_head(flat_h).float(), flat_t, ignore_index=-1, reduction=reduction)
+    counted = int((flat_t >= 0).sum())  # one host sync per call, not one per chunk
+    # an empty count gives 0/0 = nan, as F.cross_entropy's mean does
+    divisor = 1 if reduction == "sum" else counted
     return _FusedLMHeadLoss.apply(flat_h, terms.weight, flat_t, terms.lora_a, terms.lora_b, terms.scaling,
-                                  chunk, torch.is_grad_enabled())
+                                  chunk, torch.is_grad_enabled(), divisor, counted < flat_t.numel())

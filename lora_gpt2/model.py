@@ -183,15 +183,18 @@ class GPT2(nn.Module):
         return self.final_norm(x)
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean loss instead.
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the loss instead:
+        the mean over the counted targets (those >= 0; -1 marks padding or a masked prompt), or
+        with reduction="sum" their sum.
 
         The loss never materialises the full logits (see loss.py).
         """
         h = self.hidden_states(idx, cache)
         if targets is not None:
-            return fused_lm_head_loss(h, self.lm_head, targets)
+            return fused_lm_head_loss(h, self.lm_head, targets, reduction=reduction)
         return self.lm_head(h)
 
     def lora_layers(self) -> dict[str, lora.AdapterLayer]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import DEVICES, DTYPES, LoRAConfig, resolve_targets
+from .data.formats import Options
 
 OPTIMIZERS = ("adamw", "adam")
 MAX_MICRO_BATCH_TOKENS = 2**24  # far beyond any accelerator's memory for GPT-2
@@ -64,19 +65,31 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    data: str = "data/tinyshakespeare"  # text file, or folder holding input.txt
+    data: str = "data/tinyshakespeare"  # text, JSONL or CSV file, or a folder (see data/formats.py)
     block_size: int = 256
     batch_size: int = 8  # per process, per micro-step
+    text_column: Optional[str] = None  # CSV: the column of texts (default "text")
+    prompt_column: Optional[str] = None  # CSV: prompt/completion columns (default "prompt", "completion")
+    completion_column: Optional[str] = None
+    mask_prompt: Optional[bool] = None  # count only the completion's loss; None: on for prompt/completion data
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("data must be a text file or a folder, got ''")
+        for name in ("text_column", "prompt_column", "completion_column"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must name a CSV column, got ''")
         _positive("block_size", self.block_size)
         _positive("batch_size", self.batch_size)
         if self.batch_size * self.block_size > MAX_MICRO_BATCH_TOKENS:
             raise ValueError(
                 f"batch_size x block_size = {self.batch_size * self.block_size:,} tokens per micro-batch is "
                 f"more than {MAX_MICRO_BATCH_TOKENS:,}; use --grad-accum for large batches")
+
+    @property
+    def options(self) -> Options:
+        """How to read the data (CSV columns): what its preparation depends on."""
+        return Options(self.text_column, self.prompt_column, self.completion_column)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _batches(args):
     import numpy as np
 
     from lora_gpt2.data import TrainBatches, open_tokens
-    from lora_gpt2.prepare import ensure_prepared
+    from lora_gpt2.data import ensure_prepared
 
     prepared = ensure_prepared(args.data)
     return TrainBatches(open_tokens(prepared.train), args.batch_size, args.block_size, seed=0), \
@@ -83,7 +83,7 @@ def worker_train(args) -> dict:
 
         def step(i: int) -> float:
             trainer.run_.step = i
-            return trainer.train_step()
+            return trainer.train_step()[0]
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2LMHeadModel

@@ -55,7 +55,7 @@ def cli(capsys):
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory):
     """A folder holding input.txt, with its token files prepared."""
-    from lora_gpt2.prepare import ensure_prepared
+    from lora_gpt2.data import ensure_prepared
 
     d = tmp_path_factory.mktemp("text")
     (d / "input.txt").write_text(SAMPLE_TEXT)

@@ -1,12 +1,13 @@
 """Preparation of any text file, and the batches the trainer reads."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from lora_gpt2 import prepare as prep
+from lora_gpt2.data import prepare as prep
 from lora_gpt2 import tokenizer
 from lora_gpt2.data import TrainBatches, eval_windows, open_tokens
 from lora_gpt2.errors import DataError
@@ -51,7 +52,7 @@ def test_unchanged_text_is_not_prepared_again_and_changed_text_is(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"looks binary \(it holds NUL bytes\), not UTF-8 text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"looks binary \(it holds NUL bytes, the first at offset 8\), not UTF-8 text"),
     (b"caf\xe9 au lait", r"is not UTF-8 text \(invalid byte at offset 3\)"),
 ])
 def test_bad_text_files(tmp_path, content, message):
@@ -60,7 +61,7 @@ def test_bad_text_files(tmp_path, content, message):
 
 
 def test_missing_data_path(tmp_path):
-    with pytest.raises(DataError, match=r"data '.*nope' not found: give a text file or a folder holding input.txt"):
+    with pytest.raises(DataError, match=r"data '.*nope' not found: give a text, JSONL or CSV file, or a folder"):
         prep.ensure_prepared(tmp_path / "nope")
 
 
@@ -146,7 +147,8 @@ def test_read_only_dataset_folder_is_prepared_into_the_cache_and_used(tiny_check
             stamp = (folder / "train.bin").stat().st_mtime_ns
     assert _tree(share) == before  # nothing written to the share, not even a temporary
     assert (folder / "train.bin").stat().st_mtime_ns == stamp  # the second run used the cache
-    assert meta["text"] == str((share / "input.txt").resolve()) and folder.name == meta["text_sha256"][:16]
+    assert meta["text"] == str((share / "input.txt").resolve())
+    assert meta["text_sha256"] == hashlib.sha256(SAMPLE_TEXT.encode()).hexdigest()
     ids = np.fromfile(folder / "train.bin", np.uint16).tolist() + np.fromfile(folder / "val.bin", np.uint16).tolist()
     assert tokenizer.decode(ids) == SAMPLE_TEXT
 

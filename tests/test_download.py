@@ -235,3 +235,17 @@ def test_a_later_download_removes_a_killed_downloads_temporary_but_not_a_live_on
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_jsonl_url_keeps_its_name_and_is_prepared_as_examples(tmp_path, cli):
+    records = [{"prompt": f"P{i}:", "completion": f" c{i}"} for i in range(20)]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = tmp_path / "data"
+    code, _, err = cli("download-data", "--data-dir", data, "--url", src.as_uri())
+    assert code == 0, err
+    assert (data / "qa.jsonl").read_bytes() == src.read_bytes() and not (data / "input.txt").exists()
+    meta = json.loads((data / "qa.meta.json").read_text())
+    assert (meta["kind"], meta["train_examples"], meta["val_examples"]) == ("prompt/completion", 18, 2)
+    assert f"train: {meta['train_tokens']:,} tokens in 18 examples" in err
+    assert np.fromfile(data / "qa.train.idx", dtype=np.int64).size == 18 * 3

@@ -64,7 +64,7 @@ def test_embedding_update_is_scaling_b_a_and_merge_round_trips(num, dim, r, alph
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny checkpoint, prepared data and a trained run, made once; the fuzzer writes nowhere else."""
-    from lora_gpt2.prepare import ensure_prepared
+    from lora_gpt2.data import ensure_prepared
     from lora_gpt2.training import train
 
     from helpers import train_config

@@ -274,7 +274,7 @@ def test_a_reader_that_leaves_is_not_an_error(finished_run, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "{tmp}/no-model"], "{tmp}/no-model"),
     (["--data", "{tmp}/no-data.txt"], "data '{tmp}/no-data.txt' not found"),
-    (["--data", "{tmp}/binary.txt"], "binary.txt looks binary (it holds NUL bytes), not UTF-8 text"),
+    (["--data", "{tmp}/binary.txt"], "binary.txt looks binary (it holds NUL bytes, the first at offset 0), not UTF-8 text"),
     (["--rank", "100000000"], "rank r=100000000 is more than qkv_projection can use: its weight is 96 x 32, so its "
                               "full rank is 32; choose a rank of at most 32"),
     (["--block-size", "1000"], "block_size 1000 is longer than the model's context of 64"),

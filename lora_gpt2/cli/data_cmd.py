@@ -36,13 +36,14 @@ def download_data_cmd(
     from ..download import (
         TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, RetryPolicy, fetch, is_valid_copy, sha256_of,
     )
-    from ..prepare import check_prepared, current_meta, prepare
+    from ..data import prepare as prep
+    from ..data.formats import resolve
 
     source = url or TINY_SHAKESPEARE_URL
     expected = sha256.lower() if sha256 else (TINY_SHAKESPEARE_SHA256 if source == TINY_SHAKESPEARE_URL else None)
     if expected is not None and (len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected)):
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}")
-    dest = data_dir / "input.txt"
+    dest = data_dir / _file_name(source)
 
     if not force and is_valid_copy(dest, expected):
         say(f"{dest} is already present{' and verified' if expected else ''}; not downloading it again")
@@ -60,11 +61,30 @@ def download_data_cmd(
                   policy=RetryPolicy(attempts=retries + 1, deadline=timeout))
         say(f"saved {dest}" + (" (sha256 verified)" if expected else ""))
 
-    info = None if force else current_meta(dest)
-    if info is not None:
-        prepared = check_prepared(dest, info)
+    data = resolve(dest)
+    digest = data.sha256()
+    found = None if force else prep.current(data, data.folder, digest)
+    if found is not None:
+        prepared = prep.check_prepared(found)
         say("token files are up to date")
     else:
-        prepared = prepare(dest, source_url=source, source_sha256=expected or sha256_of(dest))
-    say(f"train: {prepared.train_tokens:,} tokens ({prepared.train})")
-    say(f"val: {prepared.val_tokens:,} tokens ({prepared.val})")
+        with progress(None, "prepare") as bar:
+            def on_examples(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            prepared = prep.prepare(data, digest=digest, source_url=source,
+                                    source_sha256=expected or sha256_of(dest), progress=on_examples)
+    examples = {split: prepared.examples(split) for split in ("train", "val")}
+    for split, path in (("train", prepared.train), ("val", prepared.val)):
+        count = f" in {examples[split]:,} {'documents' if prepared.layout == 'stream' else 'examples'}" \
+            if examples[split] is not None else ""
+        say(f"{split}: {prepared.info[f'{split}_tokens']:,} tokens{count} ({path})")
+
+
+def _file_name(url: str) -> str:
+    """input.txt (nanoGPT's name) for text; a JSONL or CSV keeps its own name, which says its format."""
+    from urllib.parse import unquote, urlparse
+
+    name = Path(unquote(urlparse(url).path)).name
+    return name if Path(name).suffix.lower() in (".jsonl", ".csv") else "input.txt"

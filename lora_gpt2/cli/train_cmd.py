@@ -35,7 +35,13 @@ def H(text: str, key: str) -> str:  # noqa: N802 - reads as a help string with i
 def train_cmd(
     config: Optional[Path] = Opt(None, "--config", help="TOML file (see configs/); flags override it."),
     model: Optional[str] = Opt(None, help=H("Base GPT-2: Hub id (gpt2, gpt2-medium, ...) or local directory.", "model")),
-    data: Optional[str] = Opt(None, help=H("Text file, or folder holding input.txt (prepared on first use).", "data")),
+    data: Optional[str] = Opt(None, help=H("Text, JSONL or CSV file, or a folder (of text files, or holding "
+                                           "train.jsonl); prepared on first use.", "data")),
+    text_column: Optional[str] = Opt(None, help="CSV: the column of texts (default: text)."),
+    prompt_column: Optional[str] = Opt(None, help="CSV: the prompt column (default: prompt)."),
+    completion_column: Optional[str] = Opt(None, help="CSV: the completion column (default: completion)."),
+    mask_prompt: Optional[bool] = Opt(None, "--mask-prompt/--no-mask-prompt",
+                                      help="Learn only the completions (default: on for prompt/completion data)."),
     out: Optional[str] = Opt(None, help=H("Run directory for adapters, metrics.jsonl and loss.png.", "out")),
     targets: Optional[str] = Opt(None, help=H("Comma-separated modules or groups: attn, ffn, embeddings, all, ...",
                                               "targets")),

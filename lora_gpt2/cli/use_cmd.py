@@ -15,6 +15,7 @@ from .output import say
 
 Opt = typer.Option
 DTYPE_HELP = "Frozen weights: auto, float32, bfloat16, float16 (CUDA)."
+EXAMPLE_KINDS = ("prompt/completion", "examples")
 
 
 def _load(adapter: Optional[str], model: Optional[str], dtype: str, device: str, force: bool):
@@ -48,6 +49,14 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt or ""
 
 
+def stops_at_eot(flag: Optional[bool], info) -> bool:
+    """--stop-at-eot as given; unset, on for an adapter trained on examples (JSONL, CSV), which
+    all ended with <|endoftext|>, so a sample ends where its examples did."""
+    if flag is not None:
+        return flag
+    return bool(info is not None and info.eval_settings.get("data_kind") in EXAMPLE_KINDS)
+
+
 @app.command("generate")
 def generate_cmd(
     prompt: Optional[str] = typer.Argument(None, help="Text to continue (else --prompt-file or stdin)."),
@@ -60,7 +69,9 @@ def generate_cmd(
     top_p: float = Opt(1.0, help="Nucleus sampling: smallest set with this much probability."),
     num_samples: int = Opt(1, min=1, help="Number of samples."),
     seed: int = Opt(1337, help="Same seed, same text."),
-    stop_at_eot: bool = Opt(False, "--stop-at-eot", help="End a sample at <|endoftext|>."),
+    stop_at_eot: Optional[bool] = Opt(None, "--stop-at-eot/--no-stop-at-eot",
+                                      help="End a sample at <|endoftext|> (default: on for an adapter trained on "
+                                           "examples, JSONL or CSV, which end with it; off otherwise)."),
     dtype: str = Opt("auto", help=DTYPE_HELP),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     json_out: bool = Opt(False, "--json", help="One JSON object per sample instead of streamed text."),
@@ -70,12 +81,12 @@ def generate_cmd(
     from .. import tokenizer
     from ..generate import GenerationSession, SamplingConfig
 
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_token=tokenizer.EOT_ID if stop_at_eot else None)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     text = _read_prompt(prompt, prompt_file)
-    net, _ = _load(adapter, model, dtype, device, force)
+    net, info = _load(adapter, model, dtype, device, force)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stop_token=tokenizer.EOT_ID if stops_at_eot(stop_at_eot, info) else None)
     session = GenerationSession(net)
     generator = session.generator(seed)
     ids = session.encode(text)
@@ -102,12 +113,17 @@ def generate_cmd(
 def eval_cmd(
     adapter: Optional[str] = Opt(None, help="Run directory or adapter folder (lora-gpt2 or PEFT)."),
     model: Optional[str] = Opt(None, help="Base model; overrides the adapter's."),
-    data: Optional[str] = Opt(None, help="Text file or folder (default: the run's validation data)."),
+    data: Optional[str] = Opt(None, help="Text, JSONL or CSV file, or folder (default: the run's validation data)."),
     block_size: Optional[int] = Opt(None, help="Window length (default: the run's)."),
     batch_size: Optional[int] = Opt(None, help="Windows per batch (default: the run's)."),
     eval_batches: Optional[int] = Opt(None, help="Batches to average (default: the run's)."),
     dtype: str = Opt("auto", help=DTYPE_HELP),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
+    mask_prompt: Optional[bool] = Opt(None, "--mask-prompt/--no-mask-prompt",
+                                      help="Count only completions (default: the run's; on for prompt/completion)."),
+    text_column: Optional[str] = Opt(None, help="CSV: the column of texts (default: the run's, or 'text')."),
+    prompt_column: Optional[str] = Opt(None, help="CSV: the prompt column (default: the run's, or 'prompt')."),
+    completion_column: Optional[str] = Opt(None, help="CSV: the completion column (default: 'completion')."),
     json_out: bool = Opt(False, "--json", help="Print one JSON object (a loss that is not finite is null)."),
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
@@ -116,7 +132,9 @@ def eval_cmd(
 
     net, info = _load(adapter, model, dtype, device, force)
     settings = resolve_settings(info.eval_settings if info else {}, net.config.n_positions, data=data,
-                                block_size=block_size, batch_size=batch_size, eval_batches=eval_batches)
+                                block_size=block_size, batch_size=batch_size, eval_batches=eval_batches,
+                                mask_prompt=mask_prompt, text_column=text_column, prompt_column=prompt_column,
+                                completion_column=completion_column)
     report = compare(net, settings, with_adapter=info is not None).to_dict()
     if json_out:
         print(json.dumps(report, allow_nan=False))

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from .. import checkpoint, distributed, metrics
-from ..data import TrainBatches, eval_windows, open_tokens
+from ..data import Prepared, ensure_prepared, eval_batches, mask_prompt_for, train_batches
 from ..devices import resolve_dtype
 from ..errors import CheckpointError
 from ..lora import lora_parameters
 from ..model import GPT2
-from ..prepare import ensure_prepared
 from ..tokenizer import VOCAB_SIZE
 from ..train_config import TrainConfig
 from ..weights import load_pretrained
@@ -30,7 +29,8 @@ from .optim import apply_settings, build_optimizer, build_scheduler
 
 # Settings that give a run its meaning: a resumed run must keep them (section, key).
 FIXED_ON_RESUME = (("model", "model"), ("model", "targets"), ("model", "rank"), ("model", "alpha"),
-                   ("data", "data"), ("data", "block_size"), ("optim", "optimizer"))
+                   ("data", "data"), ("data", "block_size"), ("data", "text_column"), ("data", "prompt_column"),
+                   ("data", "completion_column"), ("data", "mask_prompt"), ("optim", "optimizer"))
 RESUME_MODES = ("no", "yes", "auto")
 
 
@@ -44,8 +44,9 @@ class Run:
     out: Path
     model: GPT2
     forward_model: torch.nn.Module  # the model as the step calls it (compiled, DDP-wrapped)
-    batches: TrainBatches
+    batches: Any  # data.TrainBatches (windows of a stream) or data.ExampleBatches
     val_windows: list
+    prepared: Prepared
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Any
@@ -97,9 +98,10 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) 
     if not dist.is_main:
         distributed.barrier(dist)  # rank 0 checks the folder and prepares the token files first
         resuming = resume == "yes" or (resume == "auto" and run_dir.existing_step(out) is not None)
-    prepared = ensure_prepared(config.data.data)
+    prepared = ensure_prepared(config.data.data, config.data.options)
     if dist.is_main:
         distributed.barrier(dist)
+    mask_prompt = mask_prompt_for(prepared, config.data.mask_prompt)
 
     d, o = config.data, config.optim
     dtype = resolve_dtype(config.model.dtype, dist.device)
@@ -110,16 +112,27 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) 
     if d.block_size > model.config.n_positions:
         raise ValueError(f"block_size {d.block_size} is longer than the model's context "
                          f"of {model.config.n_positions}")
-    train_tokens = open_tokens(prepared.train)
-    _check_token_ids(train_tokens, prepared.train, model.config.vocab_size)
-    batches = TrainBatches(train_tokens, d.batch_size, d.block_size, config.run.seed, dist.rank, dist.world_size)
-    val_windows = eval_windows(open_tokens(prepared.val), d.block_size, d.batch_size, config.run.eval_batches)
-    tokens_per_step = d.batch_size * d.block_size * o.grad_accum * dist.world_size
-    max_steps = o.max_steps or max(1, math.ceil(o.epochs * len(train_tokens) / tokens_per_step))
+    batches = train_batches(prepared, batch_size=d.batch_size, block_size=d.block_size, seed=config.run.seed,
+                            mask_prompt=mask_prompt, rank=dist.rank, world_size=dist.world_size, accum=o.grad_accum)
+    _check_token_ids(batches.tokens, prepared.train, model.config.vocab_size)
+    val_windows = eval_batches(prepared, block_size=d.block_size, batch_size=d.batch_size,
+                               max_batches=config.run.eval_batches, mask_prompt=mask_prompt)
+    rows_per_step = d.batch_size * o.grad_accum * dist.world_size
+    tokens_per_step = rows_per_step * d.block_size  # at most, for example data (padding is not counted)
+    if o.max_steps:
+        max_steps = o.max_steps
+    elif prepared.layout == "examples":  # an epoch is every example once
+        max_steps = max(1, math.ceil(o.epochs * len(batches.index) / rows_per_step))
+    else:  # an epoch is as many tokens as the train split holds
+        max_steps = max(1, math.ceil(o.epochs * len(batches.tokens) / tokens_per_step))
+    if prepared.layout == "examples" and batches.truncated():
+        notices.append(Notice(f"{batches.truncated():,} of {len(batches.index):,} train examples are longer than "
+                              f"--block-size {d.block_size} + 1 tokens: their prompts are cut from the left "
+                              "(then their ends)"))
     optimizer = build_optimizer(list(lora_parameters(model).values()), o)
     scheduler = build_scheduler(optimizer, o, max_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    run = Run(config, dist, dtype, out, model, model, batches, val_windows, optimizer, scheduler, scaler,
+    run = Run(config, dist, dtype, out, model, model, batches, val_windows, prepared, optimizer, scheduler, scaler,
               tokens_per_step, max_steps, notices=notices)
     if resuming:
         _load_state(run)

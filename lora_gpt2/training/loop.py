@@ -15,6 +15,7 @@ import torch
 from .. import checkpoint, distributed
 from ..devices import dtype_name
 from ..errors import TrainingStopped
+from ..data import mask_prompt_for
 from ..evaluation import mean_loss
 from ..flops import lora_training_flops_per_token, measure_matmul_flops
 from ..lora import count_parameters
@@ -57,10 +58,14 @@ class Trainer:
         }
 
     def eval_settings(self) -> dict[str, Any]:
-        """What `lora-gpt2 eval` needs to reproduce this run's validation numbers."""
-        c = self.run_.config
+        """What `lora-gpt2 eval` needs to reproduce this run's validation numbers, and what
+        `generate` needs to know of the data (its kind)."""
+        r = self.run_
+        c = r.config
         return {"data": str(Path(c.data.data).resolve()), "block_size": c.data.block_size,
-                "batch_size": c.data.batch_size, "eval_batches": c.run.eval_batches}
+                "batch_size": c.data.batch_size, "eval_batches": c.run.eval_batches,
+                "data_kind": r.prepared.kind, "mask_prompt": mask_prompt_for(r.prepared, c.data.mask_prompt),
+                **c.data.options.to_dict()}
 
     def save(self, name: str, with_state: bool) -> None:
         r = self.run_
@@ -71,17 +76,25 @@ class Trainer:
                                    eval=self.eval_settings())
         self.emit(Saved(r.out / name, r.step))
 
-    def train_step(self) -> float:
-        """One optimiser step over grad_accum micro-batches; returns the mean loss."""
+    def train_step(self) -> tuple[float, int]:
+        """One optimiser step over grad_accum micro-batches: (the step's loss, targets counted).
+
+        The loss is the sum over every counted target of the step (all micro-batches, all
+        ranks) divided by their number, not a mean of per-micro-batch means, which would weigh
+        a target in a short micro-batch more (the accumulation error transformers fixed in
+        4.46). DDP averages gradients over ranks, hence the factor world_size.
+        """
         r = self.run_
         accum = r.config.optim.grad_accum
+        counted = r.batches.counted(r.step)  # the same on every rank: batches are a function of the step
+        scale = r.dist.world_size / max(counted, 1)
         total = torch.zeros((), device=r.device)
         for micro in range(accum):
             x, y = r.batches.get(r.step, micro)
             x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
             sync = micro == accum - 1 or not r.dist.enabled
             with r.forward_model.no_sync() if not sync else contextlib.nullcontext():
-                loss = r.forward_model(x, targets=y) / accum
+                loss = r.forward_model(x, targets=y, reduction="sum") * scale
                 (r.scaler.scale(loss) if r.scaler else loss).backward()
             total += loss.detach()
         if r.scaler is not None:
@@ -95,7 +108,8 @@ class Trainer:
             r.optimizer.step()
         r.scheduler.step()
         r.optimizer.zero_grad(set_to_none=True)
-        return total.item()
+        # this rank's share times world_size: the mean over ranks is the step's loss
+        return distributed.mean_all(r.dist, total.item()), counted
 
     def _diverged(self, loss: float) -> str:
         r = self.run_
@@ -116,17 +130,19 @@ class Trainer:
         for notice in r.notices:
             self.emit(notice)
         first_step = r.step
-        interval_start, interval_steps = time.perf_counter(), 0
+        interval_start, interval_tokens, trained_tokens = time.perf_counter(), 0, 0
         stop_reason: str | None = None
         r.forward_model.train()
         while r.step < r.max_steps:
-            loss = self.train_step()
-            if distributed.any_rank(r.dist, not math.isfinite(loss)):
+            loss, counted = self.train_step()
+            if not math.isfinite(loss):  # the mean over ranks: every rank stops at this step
                 raise TrainingStopped(self._diverged(loss))
             r.step += 1
-            interval_steps += 1
+            interval_tokens += counted
+            trained_tokens += counted
             now = time.perf_counter()
-            tokens_per_s = interval_steps * r.tokens_per_step / max(now - interval_start, 1e-9)
+            # counted tokens: the targets the loss learned from (padding and masked prompts are not)
+            tokens_per_s = interval_tokens / max(now - interval_start, 1e-9)
             lr = r.scheduler.get_last_lr()[0]
             self.emit(Stepped(r.step, loss, lr, tokens_per_s))
             evaluate_now = r.step % cfg.eval_interval == 0 or r.step == r.max_steps
@@ -134,7 +150,7 @@ class Trainer:
             if evaluate_now or r.step % cfg.log_interval == 0:
                 record = {"step": r.step, "train_loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
                           "elapsed_s": round(now - start_time, 3)}
-                interval_start, interval_steps = now, 0
+                interval_start, interval_tokens = now, 0
             if evaluate_now and should_stop() is None:  # a stop request abandons the evaluation
                 self._evaluate(record, should_stop)
             if record:
@@ -153,7 +169,7 @@ class Trainer:
                 break
         seconds = time.perf_counter() - start_time
         trained = r.step - first_step
-        tokens_per_s = trained * r.tokens_per_step / seconds if trained else 0.0
+        tokens_per_s = trained_tokens / seconds if trained else 0.0
         mfu = self._mfu(tokens_per_s) if measure_mfu else None
         result = TrainResult(r.step, r.max_steps, r.best_val, r.last_val, r.out, r.step < r.max_steps, seconds,
                              tokens_per_s, mfu, stop_reason)

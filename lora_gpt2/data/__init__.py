@@ -1,0 +1,65 @@
+"""Data: what a `--data` value holds (formats), its prepared token files (prepare), and the
+batches training and evaluation read (batches). Formats are a table of small classes; after
+preparation everything sees only tokens, example rows and counted targets.
+
+The names below load their module on first use, so reading a config (which needs only
+`formats`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_WHERE = {
+    "Example": "formats", "Options": "formats", "Source": "formats", "resolve": "formats",
+    "Prepared": "prepare", "cache_dir": "prepare", "ensure_prepared": "prepare",
+    "IGNORE": "batches", "ExampleBatches": "batches", "TrainBatches": "batches", "counted_targets": "batches",
+    "eval_examples": "batches", "eval_windows": "batches", "example_rows": "batches", "open_index": "batches",
+    "open_tokens": "batches",
+}
+__all__ = sorted([*_WHERE, "eval_batches", "mask_prompt_for", "train_batches"])
+
+if TYPE_CHECKING:
+    from .batches import (IGNORE, ExampleBatches, TrainBatches, counted_targets, eval_examples, eval_windows,
+                          example_rows, open_index, open_tokens)
+    from .formats import Example, Options, Source, resolve
+    from .prepare import Prepared, cache_dir, ensure_prepared
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def mask_prompt_for(prepared: Prepared, mask_prompt: bool | None) -> bool:
+    """--mask-prompt is on by default for prompt/completion data, and means nothing elsewhere."""
+    prompted = prepared.kind == "prompt/completion"
+    if mask_prompt and not prompted:
+        raise ValueError(f"--mask-prompt needs prompt/completion data; {prepared.source.path} is {prepared.kind} data")
+    return prompted if mask_prompt is None else mask_prompt
+
+
+def train_batches(prepared: Prepared, *, batch_size: int, block_size: int, seed: int, mask_prompt: bool,
+                  rank: int = 0, world_size: int = 1, accum: int = 1):
+    """The training draws for a prepared source: windows of a stream, or whole examples."""
+    from .batches import ExampleBatches, TrainBatches, open_index, open_tokens
+
+    tokens = open_tokens(prepared.train)
+    if prepared.layout == "stream":
+        return TrainBatches(tokens, batch_size, block_size, seed, rank, world_size, accum)
+    return ExampleBatches(tokens, open_index(prepared.index_path("train")), batch_size, block_size, seed,
+                          mask_prompt, rank, world_size, accum)
+
+
+def eval_batches(prepared: Prepared, *, block_size: int, batch_size: int, max_batches: int, mask_prompt: bool,
+                 split: str = "val") -> list:
+    """The fixed evaluation batches of a split: the same for every evaluation and for `eval`."""
+    from .batches import eval_examples, eval_windows, open_index, open_tokens
+
+    tokens = open_tokens(prepared.tokens_path(split))
+    if prepared.layout == "stream":
+        return eval_windows(tokens, block_size, batch_size, max_batches, split)
+    return eval_examples(tokens, open_index(prepared.index_path(split)), block_size, batch_size, max_batches,
+                         mask_prompt)

@@ -1,0 +1,195 @@
+"""Batches from memmapped token files: seeded draws for training, fixed ones for eval.
+
+Stream data (text, documents) gives random windows of `block_size + 1` tokens, every target
+counted. Example data gives whole examples, one per row, right-padded to the batch's longest:
+causal attention never lets a token see the padding after it, so no example sees another and
+no attention mask is needed. A target that is padding, or prompt under --mask-prompt, is -1
+(not counted). An example longer than the window loses tokens from the left of its prompt
+first (the completion is what matters), then from its end.
+
+A training batch is a pure function of (seed, step, micro-step): nothing to carry between
+steps, so resuming at step k draws exactly what an uninterrupted run would have drawn, and
+rank r of W draws rows [r*B, (r+1)*B) of the global batch that one process would draw. That
+also lets every rank count the targets of the whole step (all ranks, all micro-batches)
+without talking to the others: the loss of a step is its sum over that count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .prepare import INDEX_DTYPE, TOKEN_DTYPE
+
+IGNORE = -1  # a target that is not counted (padding, or a masked prompt)
+
+
+def open_tokens(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size % np.dtype(TOKEN_DTYPE).itemsize:
+        raise DataError(f"{path} has {size} bytes, not a whole number of uint16 tokens")
+    if size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def open_index(path: Path) -> np.ndarray:
+    """(examples, 3) rows of (start, prompt tokens, length)."""
+    size = path.stat().st_size
+    row = 3 * np.dtype(INDEX_DTYPE).itemsize
+    if size % row:
+        raise DataError(f"{path} has {size} bytes, not a whole number of {row}-byte index rows")
+    return np.fromfile(path, dtype=INDEX_DTYPE).reshape(-1, 3)
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
+    rows = torch.from_numpy(rows)  # (B, T+1)
+    return rows[:, :-1], rows[:, 1:]  # inputs, next-token targets: (B, T) each
+
+
+@dataclass(frozen=True)
+class TrainBatches:
+    """Random windows of `block_size + 1` tokens, seeded by (seed, step, micro)."""
+
+    tokens: np.ndarray
+    batch_size: int  # per rank
+    block_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    accum: int = 1  # micro-batches per step
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) < self.block_size + 1:
+            raise DataError(
+                f"train split has {len(self.tokens)} tokens; a window at block size "
+                f"{self.block_size} needs {self.block_size + 1}"
+            )
+
+    def counted(self, step: int) -> int:
+        """Targets counted in the whole step (all ranks, all micro-batches): every one."""
+        return self.batch_size * self.world_size * self.block_size * self.accum
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        state = np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(state))
+        high = len(self.tokens) - self.block_size  # last valid start + 1
+        starts = torch.randint(high, (self.batch_size * self.world_size,), generator=g).numpy()
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine, self.block_size)
+
+
+def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int,
+                 split: str = "val"):
+    """Deterministic, evenly spaced windows over `tokens`: the same for every evaluation."""
+    needed = block_size + 1
+    if len(tokens) < needed:
+        raise DataError(
+            f"{split} split has {len(tokens)} tokens; one evaluation window at block size "
+            f"{block_size} needs {needed}"
+        )
+    last_start = len(tokens) - needed
+    possible = last_start // block_size + 1  # non-overlapping windows that fit
+    count = min(possible, batch_size * max_batches)
+    starts = np.linspace(0, last_start, count).round().astype(np.int64) if count > 1 else np.zeros(1, np.int64)
+    return [_windows(tokens, starts[i : i + batch_size], block_size) for i in range(0, count, batch_size)]
+
+
+def _cut(length: np.ndarray, prompt: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens dropped from the left, kept length, kept prompt tokens) of examples cut to `window`."""
+    excess = np.maximum(length - window, 0)
+    left = np.minimum(excess, prompt)  # the prompt's start goes first
+    kept = np.minimum(length, window)
+    return left, kept, prompt - left
+
+
+def counted_targets(index: np.ndarray, window: int, mask_prompt: bool) -> np.ndarray:
+    """Counted targets of each example row: all kept-1 of them, less the prompt's when masked
+    (target j predicts token j+1, which is completion once j+1 >= the kept prompt)."""
+    _, kept, prompt = _cut(index[:, 2], index[:, 1], window)
+    targets = kept - 1
+    return targets - np.maximum(prompt - 1, 0) if mask_prompt else targets
+
+
+def example_rows(tokens: np.ndarray, index: np.ndarray, window: int, mask_prompt: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (B, L) of whole examples, right-padded to the longest (L < window)."""
+    left, kept, prompt = _cut(index[:, 2], index[:, 1], window)
+    width = int(kept.max()) - 1
+    x = np.zeros((len(index), width), dtype=np.int64)
+    y = np.full((len(index), width), IGNORE, dtype=np.int64)
+    for i, (start, drop, n, p) in enumerate(zip(index[:, 0], left, kept, prompt)):
+        ids = np.asarray(tokens[start + drop : start + drop + n], dtype=np.int64)
+        x[i, : n - 1] = ids[:-1]
+        y[i, : n - 1] = ids[1:]
+        if mask_prompt and p > 1:
+            y[i, : p - 1] = IGNORE
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@dataclass(frozen=True)
+class ExampleBatches:
+    """Whole examples drawn epoch by epoch (a seeded permutation per epoch), so each example is
+    seen once per epoch; `batch_size` rows per rank and micro-batch."""
+
+    tokens: np.ndarray
+    index: np.ndarray
+    batch_size: int
+    block_size: int
+    seed: int
+    mask_prompt: bool
+    rank: int = 0
+    world_size: int = 1
+    accum: int = 1  # micro-batches per step
+
+    def __post_init__(self) -> None:
+        if len(self.index) == 0:
+            raise DataError("the train split holds no examples")
+
+    @property
+    def window(self) -> int:
+        return self.block_size + 1
+
+    def _order(self, epoch: int) -> np.ndarray:
+        state = np.random.SeedSequence([self.seed, epoch, 0x5EED]).generate_state(1, np.uint64)[0]
+        return np.random.default_rng(int(state)).permutation(len(self.index))
+
+    def _ids(self, step: int, micro: int) -> np.ndarray:
+        """Example ids of the global micro-batch (all ranks)."""
+        rows = self.batch_size * self.world_size
+        first = (step * self.accum + micro) * rows
+        positions = np.arange(first, first + rows)
+        epochs, within = np.divmod(positions, len(self.index))
+        ids = np.empty(rows, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            ids[epochs == epoch] = self._order(int(epoch))[within[epochs == epoch]]
+        return ids
+
+    def counted(self, step: int) -> int:
+        """Targets counted in the whole step (all ranks, all micro-batches)."""
+        ids = np.concatenate([self._ids(step, m) for m in range(self.accum)])
+        return int(counted_targets(self.index[ids], self.window, self.mask_prompt).sum())
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self._ids(step, micro)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return example_rows(self.tokens, self.index[ids], self.window, self.mask_prompt)
+
+    def truncated(self) -> int:
+        """How many train examples are longer than a window (and lose tokens)."""
+        return int((self.index[:, 2] > self.window).sum())
+
+
+def eval_examples(tokens: np.ndarray, index: np.ndarray, block_size: int, batch_size: int, max_batches: int,
+                  mask_prompt: bool):
+    """Evenly spaced validation examples, batched in order: the same for every evaluation."""
+    if len(index) == 0:
+        raise DataError("the val split holds no examples; one evaluation needs at least one")
+    count = min(len(index), batch_size * max_batches)
+    ids = np.linspace(0, len(index) - 1, count).round().astype(np.int64) if count > 1 else np.zeros(1, np.int64)
+    return [example_rows(tokens, index[ids[i : i + batch_size]], block_size + 1, mask_prompt)
+            for i in range(0, count, batch_size)]
