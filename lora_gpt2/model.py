@@ -80,6 +80,19 @@ class KVCache:
         return LayerKV(self.keys[i], self.values[i], self.length)
 
 
+def _packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at each example, and the block-diagonal causal mask
+    (B, 1, T, T) of packed rows."""
+    B, T = segments.shape
+    steps = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # an example's first position
+    starts = torch.where(first, steps, torch.zeros_like(steps)).cummax(dim=1).values  # (B, T)
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return steps - starts, (same & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
         super().__init__()
@@ -88,7 +101,9 @@ class Attention(nn.Module):
         self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg)
         self.output_projection = _linear("output_projection", d, d, True, lora_cfg)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
+        causal attention; None is plain causal attention."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.qkv_projection(x)  # (B, T, 3C)
@@ -96,7 +111,9 @@ class Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if kv is None:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             start = kv.start
@@ -107,8 +124,8 @@ class Attention(nn.Module):
             if T == 1:  # one new token attends to everything cached: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             else:  # new query i sits at position start + i and sees keys j <= start + i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.output_projection(y)
 
@@ -133,8 +150,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.ffn = FeedForward(config, lora_cfg)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv)
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -165,8 +182,14 @@ class GPT2(nn.Module):
     def tied(self) -> bool:
         return self.lm_head.weight is self.token_embedding.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm outputs (B, T, C) for token ids idx (B, T)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, C) for token ids idx (B, T).
+
+        `segments` (B, T) marks packed rows: position p belongs to example segments[b, p], its
+        positions count from 0 at the example's first token, and it sees only earlier positions
+        of the same example, exactly as if the example were alone in the row.
+        """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.config.n_positions:
@@ -174,17 +197,21 @@ class GPT2(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's context "
                 f"of {self.config.n_positions}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        mask = None
+        if segments is None:
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        else:
+            pos, mask = _packed_positions(segments)  # (B, T), (B, 1, T, T)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layer(i))
+            x = block(x, None if cache is None else cache.layer(i), mask)
         if cache is not None:
             cache.length = start + T
         return self.final_norm(x)
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-        reduction: str = "mean",
+        reduction: str = "mean", segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the loss instead:
         the mean over the counted targets (those >= 0; -1 marks padding or a masked prompt), or
@@ -192,7 +219,7 @@ class GPT2(nn.Module):
 
         The loss never materialises the full logits (see loss.py).
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, segments)
         if targets is not None:
             return fused_lm_head_loss(h, self.lm_head, targets, reduction=reduction)
         return self.lm_head(h)

@@ -72,6 +72,7 @@ class DataSettings:
     prompt_column: Optional[str] = None  # CSV: prompt/completion columns (default "prompt", "completion")
     completion_column: Optional[str] = None
     mask_prompt: Optional[bool] = None  # count only the completion's loss; None: on for prompt/completion data
+    packing: bool = False  # example data: several examples per row (block-diagonal attention) instead of padding
 
     def __post_init__(self) -> None:
         if not self.data:

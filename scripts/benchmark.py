@@ -4,10 +4,13 @@
     python scripts/benchmark.py --data data/tinyshakespeare            # CPU, GPT-2 small shape
     python scripts/benchmark.py --data data/tinyshakespeare --device cuda --steps 50
     python scripts/benchmark.py --json                                  # machine-readable
+    python scripts/benchmark.py --only examples,prepare                 # prompt/completion data only
 
 Figures: LoRA training tokens/s and peak memory (float32; bfloat16 mode vs PEFT under bf16
 autocast), batch-1 decoding tokens/s, start-up to first logits, and the machine's own matmul
 and memory-bandwidth limits, from which training MFU and the decoding bandwidth bound follow.
+On prompt/completion data (Tiny Shakespeare's speeches): counted tokens/s with padded rows and
+with packed rows, and preparation tokens/s against tiktoken encoding the whole text on one thread.
 Each measurement runs in its own subprocess so memory figures never mix. Weights are random
 (GPT-2's real shapes; no hub is needed), tokens are real Tiny Shakespeare.
 """
@@ -95,7 +98,8 @@ def worker_train(args) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(i: int) -> float:
-            x, y = (t.to(args.device) for t in batches.get(i))
+            batch = batches.get(i).to(args.device)
+            x, y = batch.x, batch.y
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=x).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -114,6 +118,75 @@ def worker_train(args) -> dict:
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch_size * args.block_size
     return {"tokens_per_s": tokens / seconds, "peak_mb": _peak_memory_mb(args.device), "last_loss": loss}
+
+
+def _speeches(args) -> Path:
+    """Tiny Shakespeare as prompt/completion JSONL (scripts/shakespeare_to_jsonl.py), once."""
+    from lora_gpt2.data import resolve
+
+    out = Path(tempfile.gettempdir()) / "lora-gpt2-bench-speeches"
+    if not (out / "train.jsonl").is_file():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import shakespeare_to_jsonl
+
+        shakespeare_to_jsonl.main([str(resolve(args.data).all_files()[0]), str(out)])
+    return out
+
+
+def worker_examples(args) -> dict:
+    """Counted tokens/s of lora-gpt2 on prompt/completion data: padded rows or packed rows."""
+    import torch
+
+    from lora_gpt2 import distributed, train_config as tc
+    from lora_gpt2.training import Trainer, factory
+
+    torch.manual_seed(0)
+    cfg = tc.resolve(tc.flag_values(dict(
+        model=args.checkpoint, data=str(_speeches(args)), out=tempfile.mkdtemp(), targets=("qkv_projection",),
+        rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
+        batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
+        grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0, packing=args.system == "packed")))
+    trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
+    counted = processed = 0
+    for i in range(args.warmup):
+        trainer.run_.step = i
+        trainer.train_step()
+    _sync(args.device)
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        trainer.run_.step = i
+        processed += trainer.run_.batches.get(i).x.numel()
+        counted += trainer.train_step()[1]
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    return {"counted_tokens_per_s": counted / seconds, "counted_share": counted / processed,
+            "peak_mb": _peak_memory_mb(args.device)}
+
+
+def worker_prepare(args) -> dict:
+    """Preparation tokens/s: lora-gpt2's batched, threaded JSONL preparation, and tiktoken encoding
+    the same text whole on one thread (what a naive script does)."""
+    import shutil
+
+    from lora_gpt2 import tokenizer
+    from lora_gpt2.data import ensure_prepared
+
+    source = _speeches(args)
+    work = Path(tempfile.mkdtemp())
+    shutil.copy(source / "train.jsonl", work / "train.jsonl")
+    shutil.copy(source / "valid.jsonl", work / "valid.jsonl")
+    text = "".join(json.loads(line)["prompt"] + json.loads(line)["completion"]
+                   for line in (work / "train.jsonl").read_text().splitlines())
+    tokenizer.get_encoding()  # loading the BPE tables is not encoding
+    start = time.perf_counter()
+    prepared = ensure_prepared(work)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    whole = len(tokenizer.get_encoding().encode_ordinary(text))
+    single = time.perf_counter() - start
+    tokens = prepared.info["train_tokens"] + prepared.info["val_tokens"]
+    return {"ours_tokens_per_s": tokens / ours, "single_thread_tokens_per_s": whole / single,
+            "examples": prepared.examples("train") + prepared.examples("val"), "threads": os.cpu_count()}
 
 
 def worker_generate(args) -> dict:
@@ -206,7 +279,7 @@ def worker_machine(args) -> dict:
 
 
 WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker_startup,
-           "machine": worker_machine}
+           "machine": worker_machine, "examples": worker_examples, "prepare": worker_prepare}
 
 
 # ---------------------------------------------------------------- the parent: plan, run, report
@@ -246,36 +319,50 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
+SECTIONS = ("train", "generate", "examples", "prepare")
+
+
 def run(args) -> dict:
     results: dict = {"config": {k: getattr(args, k) for k in
                                 ("size", "device", "batch_size", "block_size", "rank", "steps", "warmup",
-                                 "new_tokens", "repeats", "compile")}}
+                                 "new_tokens", "repeats", "compile", "only")}}
+    only = set(args.only.split(","))
     results["machine"] = spawn(args, "machine")
-    for dtype in ("float32", "bfloat16"):
-        # alternate the systems and keep each one's best round: a shared machine's noise
-        # then penalises neither side more than the other
-        for _ in range(args.repeats):
-            for system in ("lora-gpt2", "peft"):
-                got = spawn(args, "train", system, dtype)
-                print(f"  train {dtype:8} {system:9} {got}", file=sys.stderr)
-                best = results.get(f"train_{dtype}_{system}")
-                if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
-                    results[f"train_{dtype}_{system}"] = got
-    for system in ("lora-gpt2", "peft"):
-        results[f"generate_{system}"] = spawn(args, "generate", system)
-        results[f"startup_{system}"] = spawn(args, "startup", system)
-        print(f"  generate/startup {system}: {results[f'generate_{system}']} {results[f'startup_{system}']}",
-              file=sys.stderr)
+    if "train" in only:
+        for dtype in ("float32", "bfloat16"):
+            # alternate the systems and keep each one's best round: a shared machine's noise
+            # then penalises neither side more than the other
+            for _ in range(args.repeats):
+                for system in ("lora-gpt2", "peft"):
+                    got = spawn(args, "train", system, dtype)
+                    print(f"  train {dtype:8} {system:9} {got}", file=sys.stderr)
+                    best = results.get(f"train_{dtype}_{system}")
+                    if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
+                        results[f"train_{dtype}_{system}"] = got
+    if "generate" in only:
+        for system in ("lora-gpt2", "peft"):
+            results[f"generate_{system}"] = spawn(args, "generate", system)
+            results[f"startup_{system}"] = spawn(args, "startup", system)
+            print(f"  generate/startup {system}: {results[f'generate_{system}']} {results[f'startup_{system}']}",
+                  file=sys.stderr)
+    if "examples" in only:
+        for layout in ("padded", "packed"):
+            results[f"examples_{layout}"] = spawn(args, "examples", layout)
+            print(f"  examples {layout}: {results[f'examples_{layout}']}", file=sys.stderr)
+    if "prepare" in only:
+        results["prepare"] = spawn(args, "prepare")
     sys.path.insert(0, str(ROOT))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
-    results["derived"] = {
-        "flops_per_token": flops,
-        "mfu_bfloat16": results["train_bfloat16_lora-gpt2"]["tokens_per_s"] * flops / (m["matmul_bfloat16_tflops"] * 1e12),
-        "mfu_float32": results["train_float32_lora-gpt2"]["tokens_per_s"] * flops / (m["matmul_float32_tflops"] * 1e12),
-        "decode_bandwidth_fraction": results["generate_lora-gpt2"]["tokens_per_s"] * model_bytes(args.size, "float32")
-        / (m["bandwidth_gbs"] * 1e9),
-    }
+    derived = results["derived"] = {"flops_per_token": flops}
+    if "train" in only:
+        derived["mfu_bfloat16"] = (results["train_bfloat16_lora-gpt2"]["tokens_per_s"] * flops
+                                   / (m["matmul_bfloat16_tflops"] * 1e12))
+        derived["mfu_float32"] = (results["train_float32_lora-gpt2"]["tokens_per_s"] * flops
+                                  / (m["matmul_float32_tflops"] * 1e12))
+    if "generate" in only:
+        derived["decode_bandwidth_fraction"] = (results["generate_lora-gpt2"]["tokens_per_s"]
+                                                * model_bytes(args.size, "float32") / (m["bandwidth_gbs"] * 1e9))
     return results
 
 
@@ -293,6 +380,8 @@ ROWS = [  # (label, key, field, higher is better, target ratio)
 def table(results: dict) -> str:
     lines = ["| figure | lora-gpt2 | transformers + PEFT | ratio | target |", "| --- | ---: | ---: | ---: | ---: |"]
     for label, key, field, higher, target in ROWS:
+        if f"{key}_lora-gpt2" not in results:
+            continue
         ours, theirs = results[f"{key}_lora-gpt2"][field], results[f"{key}_peft"][field]
         ratio = ours / theirs
         goal = "" if target is None else (f"≥ {target}×" if higher else f"≤ {target}×")
@@ -302,12 +391,30 @@ def table(results: dict) -> str:
         "",
         f"machine: matmul {m['matmul_float32_tflops'] * 1000:,.0f} GFLOP/s fp32, "
         f"{m['matmul_bfloat16_tflops'] * 1000:,.0f} GFLOP/s bf16; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s",
-        f"training MFU (FLOPs/token = 4·N_matmul + 8·L·T·d = {d['flops_per_token'] / 1e6:,.0f} M): "
-        f"bf16 mode {100 * d['mfu_bfloat16']:.0f}% of measured bf16 matmul, "
-        f"float32 {100 * d['mfu_float32']:.0f}% of measured fp32 matmul (target ≥ 60% in bf16)",
-        f"decoding: {100 * d['decode_bandwidth_fraction']:.0f}% of the bandwidth bound "
-        "(fp32 weights read once per token)",
     ]
+    if "mfu_float32" in d:
+        lines.append(f"training MFU (FLOPs/token = 4·N_matmul + 8·L·T·d = {d['flops_per_token'] / 1e6:,.0f} M): "
+                     f"bf16 mode {100 * d['mfu_bfloat16']:.0f}% of measured bf16 matmul, "
+                     f"float32 {100 * d['mfu_float32']:.0f}% of measured fp32 matmul (target ≥ 60% in bf16)")
+    if "decode_bandwidth_fraction" in d:
+        lines.append(f"decoding: {100 * d['decode_bandwidth_fraction']:.0f}% of the bandwidth bound "
+                     "(fp32 weights read once per token)")
+    if "examples_padded" in results:
+        pad, pack = results["examples_padded"], results["examples_packed"]
+        lines += [
+            "",
+            "prompt/completion data (Tiny Shakespeare speeches, scripts/shakespeare_to_jsonl.py), lora-gpt2 only:",
+            f"counted tokens/s: padded rows {pad['counted_tokens_per_s']:,.0f} ({100 * pad['counted_share']:.0f}% "
+            f"of positions counted), packed rows {pack['counted_tokens_per_s']:,.0f} "
+            f"({100 * pack['counted_share']:.0f}%): packing "
+            f"{pack['counted_tokens_per_s'] / pad['counted_tokens_per_s']:.2f}×; peak memory "
+            f"{pad['peak_mb']:,.0f} vs {pack['peak_mb']:,.0f} MB",
+        ]
+    if "prepare" in results:
+        prep = results["prepare"]
+        lines.append(f"preparation: {prep['ours_tokens_per_s']:,.0f} tokens/s ({prep['examples']:,} examples, "
+                     f"{prep['threads']} threads) vs {prep['single_thread_tokens_per_s']:,.0f} tokens/s encoding "
+                     "the text whole on one thread")
     return "\n".join(lines)
 
 
@@ -325,6 +432,8 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="rounds of each training measurement (best kept)")
     p.add_argument("--compile", action="store_true", help="torch.compile lora-gpt2's model")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--system", default="", help=argparse.SUPPRESS)

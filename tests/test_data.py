@@ -83,18 +83,18 @@ def test_chunked_encoding_equals_whole_encoding(monkeypatch):
 def test_train_batches_are_a_function_of_seed_and_step(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16)
     batches = TrainBatches(tokens, batch_size=4, block_size=16, seed=3)
-    x, y = batches.get(5)
+    x, y = batches.get(5).x, batches.get(5).y
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
-    assert torch.equal(batches.get(5)[0], x)
-    assert not torch.equal(batches.get(6)[0], x)
-    assert not torch.equal(TrainBatches(tokens, 4, 16, seed=4).get(5)[0], x)
+    assert torch.equal(batches.get(5).x, x)
+    assert not torch.equal(batches.get(6).x, x)
+    assert not torch.equal(TrainBatches(tokens, 4, 16, seed=4).get(5).x, x)
 
 
 def test_ranks_draw_slices_of_the_single_process_global_batch():
     tokens = np.arange(5000, dtype=np.uint16)
-    whole = TrainBatches(tokens, batch_size=6, block_size=8, seed=1).get(2, micro=1)[0]
-    parts = [TrainBatches(tokens, 3, 8, seed=1, rank=r, world_size=2).get(2, micro=1)[0] for r in (0, 1)]
+    whole = TrainBatches(tokens, batch_size=6, block_size=8, seed=1).get(2, micro=1).x
+    parts = [TrainBatches(tokens, 3, 8, seed=1, rank=r, world_size=2).get(2, micro=1).x for r in (0, 1)]
     assert torch.equal(torch.cat(parts), whole)
 
 

@@ -147,6 +147,7 @@ def test_a_changed_source_or_other_columns_prepare_again(tmp_path):
     ("bad.csv", "title,body\nx,y\n", r"bad.csv has no column 'text' \(its columns: title, body\)"),
     ("bad.csv", "text\na\nb,c\n", r"bad.csv line 3: 2 fields, but the header has 1"),
     ("bad.csv", "", r"bad.csv is empty"),
+    ("bad.csv", b"text\nok\ncaf\xe9\n", r"bad.csv is not UTF-8 text \(invalid byte at offset 11\)"),
 ])
 def test_bad_data_is_one_error_naming_file_line_and_key(tmp_path, cli, name, content, message):
     import re
@@ -245,3 +246,25 @@ def test_masked_loss_and_gradients_equal_a_plain_pytorch_reference(tiny_checkpoi
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     summed = model(x, targets=y, reduction="sum")
     torch.testing.assert_close(summed, reference * keep.sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_preparing_a_large_jsonl_keeps_memory_bounded(tmp_path):
+    """Peak Python memory does not grow with the file: twice the lines, about the same peak."""
+    import tracemalloc
+
+    line = json.dumps({"prompt": "Tell me about " + "the sea " * 20, "completion": " It is wide " * 40}) + "\n"
+    tokenizer.get_encoding()  # its tables are loaded once, whatever the data
+    peaks = []
+    for copies in (4_000, 16_000):
+        folder = tmp_path / str(copies)
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(line * copies)
+        (folder / "valid.jsonl").write_text(line * 10)
+        tracemalloc.start()
+        prepared = ensure_prepared(folder)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert prepared.examples("train") == copies
+    size = (tmp_path / "16000" / "train.jsonl").stat().st_size  # 11 MB
+    assert peaks[1] < 1.25 * peaks[0] + 2**20 and peaks[1] < size / 2, (peaks, size)

@@ -88,8 +88,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, text
     calls = {"n": 0}
     real = GPT2.forward
 
-    def poisoned(self, idx, cache=None, targets=None, reduction="mean"):
-        out = real(self, idx, cache, targets, reduction)
+    def poisoned(self, idx, cache=None, targets=None, **options):
+        out = real(self, idx, cache, targets, **options)
         if targets is None or not self.training:
             return out
         calls["n"] += 1

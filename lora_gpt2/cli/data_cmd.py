@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .output import progress, say
+from .output import LazyProgress, progress, say
 
 DATA_DIR_ENV = "LORA_GPT2_DATA_DIR"
 DEFAULT_DATA_DIR = "data/tinyshakespeare"
@@ -68,13 +68,9 @@ def download_data_cmd(
         prepared = prep.check_prepared(found)
         say("token files are up to date")
     else:
-        with progress(None, "prepare") as bar:
-            def on_examples(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with LazyProgress("prepare", "examples") as bar:
             prepared = prep.prepare(data, digest=digest, source_url=source,
-                                    source_sha256=expected or sha256_of(dest), progress=on_examples)
+                                    source_sha256=expected or sha256_of(dest), progress=bar)
     examples = {split: prepared.examples(split) for split in ("train", "val")}
     for split, path in (("train", prepared.train), ("val", prepared.val)):
         count = f" in {examples[split]:,} {'documents' if prepared.layout == 'stream' else 'examples'}" \

@@ -82,3 +82,24 @@ def _human_bytes(value: float) -> str:
             return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
         value /= 1024
     return str(value)
+
+
+class LazyProgress:
+    """A progress callback `(done, total)` whose bar appears only once there is work to show,
+    so an up-to-date preparation prints nothing."""
+
+    def __init__(self, desc: str, unit: str) -> None:
+        self.desc, self.unit = desc, unit
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress(total, self.desc, unit=self.unit)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "LazyProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .output import is_terminal, progress, say
+from .output import LazyProgress, is_terminal, progress, say
 from .signals import SIGNAL_EXIT, StopOnSignals
 
 Opt = typer.Option
@@ -42,6 +42,9 @@ def train_cmd(
     completion_column: Optional[str] = Opt(None, help="CSV: the completion column (default: completion)."),
     mask_prompt: Optional[bool] = Opt(None, "--mask-prompt/--no-mask-prompt",
                                       help="Learn only the completions (default: on for prompt/completion data)."),
+    packing: Optional[bool] = Opt(None, "--packing/--no-packing",
+                                  help=H("Example data: pack several examples per row (each sees only itself) "
+                                         "instead of padding each row.", "packing")),
     out: Optional[str] = Opt(None, help=H("Run directory for adapters, metrics.jsonl and loss.png.", "out")),
     targets: Optional[str] = Opt(None, help=H("Comma-separated modules or groups: attn, ffn, embeddings, all, ...",
                                               "targets")),
@@ -100,9 +103,9 @@ def train_cmd(
     view = TrainView(resolved.run.log_interval)
     from ..training import train
 
-    with StopOnSignals() as stopper:
-        result = train(resolved, resume=mode, subscribers=[view],
-                       should_stop=stopper.requested, stop_after=stop_after, measure_mfu=mfu)
+    with StopOnSignals() as stopper, LazyProgress("prepare", "examples") as preparing:
+        result = train(resolved, resume=mode, subscribers=[view], should_stop=stopper.requested,
+                       stop_after=stop_after, measure_mfu=mfu, prepare_progress=preparing)
     if result.interrupted and os.environ.get("RANK", "0") == "0":
         say(f"stopped at step {result.step}/{result.max_steps}; continue with: "
             f"lora-gpt2 train --out {resolved.run.out} --resume")

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 _WHERE = {
     "Example": "formats", "Options": "formats", "Source": "formats", "resolve": "formats",
     "Prepared": "prepare", "cache_dir": "prepare", "ensure_prepared": "prepare",
-    "IGNORE": "batches", "ExampleBatches": "batches", "TrainBatches": "batches", "counted_targets": "batches",
+    "IGNORE": "batches", "Batch": "batches", "ExampleBatches": "batches", "PackedBatches": "batches", "TrainBatches": "batches", "counted_targets": "batches",
     "eval_examples": "batches", "eval_windows": "batches", "example_rows": "batches", "open_index": "batches",
     "open_tokens": "batches",
 }
 __all__ = sorted([*_WHERE, "eval_batches", "mask_prompt_for", "train_batches"])
 
 if TYPE_CHECKING:
-    from .batches import (IGNORE, ExampleBatches, TrainBatches, counted_targets, eval_examples, eval_windows,
+    from .batches import (IGNORE, Batch, ExampleBatches, PackedBatches, TrainBatches, counted_targets, eval_examples, eval_windows,
                           example_rows, open_index, open_tokens)
     from .formats import Example, Options, Source, resolve
     from .prepare import Prepared, cache_dir, ensure_prepared
@@ -42,24 +42,26 @@ def mask_prompt_for(prepared: Prepared, mask_prompt: bool | None) -> bool:
 
 
 def train_batches(prepared: Prepared, *, batch_size: int, block_size: int, seed: int, mask_prompt: bool,
-                  rank: int = 0, world_size: int = 1, accum: int = 1):
-    """The training draws for a prepared source: windows of a stream, or whole examples."""
-    from .batches import ExampleBatches, TrainBatches, open_index, open_tokens
+                  rank: int = 0, world_size: int = 1, accum: int = 1, packing: bool = False):
+    """The training draws for a prepared source: windows of a stream, or whole examples (one
+    per row, padded; or `packing` several per row)."""
+    from . import batches as b
 
-    tokens = open_tokens(prepared.train)
+    tokens = b.open_tokens(prepared.train)
     if prepared.layout == "stream":
-        return TrainBatches(tokens, batch_size, block_size, seed, rank, world_size, accum)
-    return ExampleBatches(tokens, open_index(prepared.index_path("train")), batch_size, block_size, seed,
-                          mask_prompt, rank, world_size, accum)
+        return b.TrainBatches(tokens, batch_size, block_size, seed, rank, world_size, accum)
+    kind = b.PackedBatches if packing else b.ExampleBatches
+    return kind(tokens, b.open_index(prepared.index_path("train")), batch_size, block_size, seed,
+                mask_prompt, rank, world_size, accum)
 
 
 def eval_batches(prepared: Prepared, *, block_size: int, batch_size: int, max_batches: int, mask_prompt: bool,
                  split: str = "val") -> list:
     """The fixed evaluation batches of a split: the same for every evaluation and for `eval`."""
-    from .batches import eval_examples, eval_windows, open_index, open_tokens
+    from . import batches as b
 
-    tokens = open_tokens(prepared.tokens_path(split))
+    tokens = b.open_tokens(prepared.tokens_path(split))
     if prepared.layout == "stream":
-        return eval_windows(tokens, block_size, batch_size, max_batches, split)
-    return eval_examples(tokens, open_index(prepared.index_path(split)), block_size, batch_size, max_batches,
-                         mask_prompt)
+        return b.eval_windows(tokens, block_size, batch_size, max_batches, split)
+    return b.eval_examples(tokens, b.open_index(prepared.index_path(split)), block_size, batch_size, max_batches,
+                           mask_prompt)

@@ -28,6 +28,20 @@ from .prepare import INDEX_DTYPE, TOKEN_DTYPE
 IGNORE = -1  # a target that is not counted (padding, or a masked prompt)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Inputs and targets (B, T) of one micro-batch. `segments` (B, T), for packed rows, numbers
+    the example each position belongs to (0 is padding); None when a row is one sequence."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    segments: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.x), move(self.y), move(self.segments))
+
+
 def open_tokens(path: Path) -> np.ndarray:
     size = path.stat().st_size
     if size % np.dtype(TOKEN_DTYPE).itemsize:
@@ -75,13 +89,13 @@ class TrainBatches:
         """Targets counted in the whole step (all ranks, all micro-batches): every one."""
         return self.batch_size * self.world_size * self.block_size * self.accum
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro: int = 0) -> Batch:
         state = np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]
         g = torch.Generator().manual_seed(int(state))
         high = len(self.tokens) - self.block_size  # last valid start + 1
         starts = torch.randint(high, (self.batch_size * self.world_size,), generator=g).numpy()
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _windows(self.tokens, mine, self.block_size)
+        return Batch(*_windows(self.tokens, mine, self.block_size))
 
 
 def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int,
@@ -175,13 +189,86 @@ class ExampleBatches:
         ids = np.concatenate([self._ids(step, m) for m in range(self.accum)])
         return int(counted_targets(self.index[ids], self.window, self.mask_prompt).sum())
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro: int = 0) -> Batch:
         ids = self._ids(step, micro)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return example_rows(self.tokens, self.index[ids], self.window, self.mask_prompt)
+        return Batch(*example_rows(self.tokens, self.index[ids], self.window, self.mask_prompt))
+
+    def epoch_rows(self) -> int:
+        """Rows that make one pass over the train examples."""
+        return len(self.index)
 
     def truncated(self) -> int:
         """How many train examples are longer than a window (and lose tokens)."""
         return int((self.index[:, 2] > self.window).sum())
+
+
+class PackedBatches(ExampleBatches):
+    """Whole examples packed several to a row, each seeing only itself: positions restart at 0
+    for each example and attention is block-diagonal causal (`Batch.segments`), so a row
+    computes what the same examples would alone, without the padding. Each epoch's order is
+    packed greedily into rows of at most `block_size` targets; a step takes the next rows.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_rows_in_epoch", [])  # a frozen dataclass may still cache
+        object.__setattr__(self, "_plans", {})
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            if len(self._plans) > 2:
+                self._plans.pop(min(self._plans))
+            order = self._order(epoch)
+            _, kept, _ = _cut(self.index[order, 2], self.index[order, 1], self.window)
+            rows: list[list[int]] = [[]]
+            used = 0
+            for example, targets in zip(order.tolist(), (kept - 1).tolist()):
+                if used + targets > self.block_size and rows[-1]:
+                    rows.append([])
+                    used = 0
+                rows[-1].append(example)
+                used += targets
+            self._plans[epoch] = rows
+        return self._plans[epoch]
+
+    def _row(self, position: int) -> list[int]:
+        """The examples of global row `position` (rows of all epochs, one after another)."""
+        epoch = 0
+        while True:
+            if epoch == len(self._rows_in_epoch):
+                self._rows_in_epoch.append(len(self._plan(epoch)))
+            if position < self._rows_in_epoch[epoch]:
+                return self._plan(epoch)[position]
+            position -= self._rows_in_epoch[epoch]
+            epoch += 1
+
+    def _step_rows(self, step: int, micro: int) -> list[list[int]]:
+        rows = self.batch_size * self.world_size
+        first = (step * self.accum + micro) * rows
+        return [self._row(p) for p in range(first, first + rows)]
+
+    def counted(self, step: int) -> int:
+        ids = [i for m in range(self.accum) for row in self._step_rows(step, m) for i in row]
+        return int(counted_targets(self.index[ids], self.window, self.mask_prompt).sum())
+
+    def get(self, step: int, micro: int = 0) -> Batch:
+        rows = self._step_rows(step, micro)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        parts = [example_rows(self.tokens, self.index[row], self.window, self.mask_prompt) for row in rows]
+        lengths = [[int(n) for n in _cut(self.index[row, 2], self.index[row, 1], self.window)[1] - 1] for row in rows]
+        width = max(sum(row) for row in lengths)
+        x = torch.zeros((len(rows), width), dtype=torch.int64)
+        y = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
+        segments = torch.zeros((len(rows), width), dtype=torch.int64)
+        for r, ((px, py), row_lengths) in enumerate(zip(parts, lengths)):
+            at = 0
+            for k, n in enumerate(row_lengths):
+                x[r, at : at + n], y[r, at : at + n] = px[k, :n], py[k, :n]
+                segments[r, at : at + n] = k + 1
+                at += n
+        return Batch(x, y, segments)
+
+    def epoch_rows(self) -> int:
+        return len(self._plan(0))
 
 
 def eval_examples(tokens: np.ndarray, index: np.ndarray, block_size: int, batch_size: int, max_batches: int,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +79,9 @@ class Source:
         for f in self.files[part]:
             yield from self.kind.read(f, self.options)
 
+    def count(self, part: str) -> int:
+        return sum(self.kind.count(f, self.options) for f in self.files[part])
+
 
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -104,6 +106,10 @@ class Kind:
 
     def read(self, path: Path, options: Options) -> Iterator[Example]:
         raise NotImplementedError
+
+    def count(self, path: Path, options: Options) -> int:
+        """How many examples `read` will yield (for the split and the progress bar)."""
+        return sum(1 for _ in self.read(path, options))
 
 
 def decode_utf8(raw: bytes, where: str, offset: int = 0) -> str:
@@ -145,15 +151,21 @@ class _Lines(Kind):
 
     keys: tuple[str, ...] = ()
 
+    def count(self, path: Path, options: Options) -> int:
+        """Non-blank lines: each is one example (or an error that `read` reports)."""
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+
     def read(self, path: Path, options: Options) -> Iterator[Example]:
         offset = 0
         with open(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 where = f"{path} line {number}"
-                line = decode_utf8(raw, str(path), offset).strip()
-                offset += len(raw)
-                if not line:
+                if not raw.strip():  # the rule `count` uses: bytes that are ASCII whitespace
+                    offset += len(raw)
                     continue
+                line = decode_utf8(raw, str(path), offset).strip(" \t\r\n")
+                offset += len(raw)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -205,9 +217,15 @@ class _Csv(Kind):
 
     def read(self, path: Path, options: Options) -> Iterator[Example]:
         wanted = self.columns(options)
-        raw = path.read_bytes()
-        text = decode_utf8(raw, str(path))
-        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # streamed: a row at a time
+                yield from self._rows(path, csv.reader(f), wanted)
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {_bad_utf8_offset(path)})") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}: not a CSV file a reader can use ({exc})") from None
+
+    def _rows(self, path: Path, reader, wanted: tuple[str, ...]) -> Iterator[Example]:
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path} is empty")
@@ -223,6 +241,21 @@ class _Csv(Kind):
             if len(row) != len(header):
                 raise DataError(f"{where}: {len(row)} fields, but the header has {len(header)}")
             yield _example([row[index[c]] for c in wanted], wanted, where)
+
+
+def _bad_utf8_offset(path: Path) -> int:
+    """Where a file stops being UTF-8 (read again in blocks, only to say so)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                return offset - pending + exc.start
+            offset += len(block)
+    return offset
 
 
 class CsvText(_Csv):

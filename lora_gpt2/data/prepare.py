@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ SPLIT_SEED = 1337
 TOKEN_DTYPE = np.uint16
 INDEX_DTYPE = np.int64  # rows of (start, prompt tokens, length)
 CHUNK_CHARS = 1 << 20
-ENCODE_BATCH = 512  # examples tokenized together (tiktoken's threads share them)
+ENCODE_BATCH = 2048  # examples tokenized together (the threads share them); bounds memory
 CACHE_ENV = "LORA_GPT2_CACHE"
 # A safe place to cut text for chunked encoding: "X\nY" with X, Y not whitespace. No GPT-2
 # pre-token spans it, so encoding the pieces equals encoding the whole.
@@ -128,9 +129,23 @@ def encode_chunked(text: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
 
 
-def encode_batch(texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts at once, on all cores (tiktoken releases the GIL)."""
-    return tokenizer.get_encoding().encode_ordinary_batch(texts, num_threads=max(1, os.cpu_count() or 1))
+def encode_batch(texts: list[str]) -> list[np.ndarray]:
+    """Token ids (uint16 arrays: 2 bytes a token, not a Python int's 36) of many texts, in
+    order, on all cores: tiktoken's encoder releases the GIL, and each thread takes one
+    contiguous slice (a future per text, as `encode_ordinary_batch` makes, costs more than
+    encoding a short text)."""
+    encode = tokenizer.get_encoding().encode_ordinary
+
+    def run(part: list[str]) -> list[np.ndarray]:
+        return [np.array(encode(t), dtype=TOKEN_DTYPE) for t in part]
+
+    threads = min(os.cpu_count() or 1, max(1, len(texts) // 256))
+    if threads == 1:
+        return run(texts)
+    size = -(-len(texts) // threads)
+    slices = [texts[i : i + size] for i in range(0, len(texts), size)]
+    with ThreadPoolExecutor(threads) as pool:
+        return [ids for part in pool.map(run, slices) for ids in part]
 
 
 def _batched(items: Iterable, n: int) -> Iterator[list]:
@@ -153,17 +168,21 @@ class _SplitWriter:
         self.examples = 0
         self.longest = 0
 
-    def add(self, prompt: list[int], completion: list[int]) -> None:
+    def add(self, prompt: np.ndarray, completion: np.ndarray) -> None:
         if self.joined:  # a stream of documents: <|endoftext|> between them
-            ids = ([tokenizer.EOT_ID] if self.examples else []) + completion
+            ids = np.concatenate([_EOT, completion]) if self.examples else completion
         else:  # an example: prompt + completion + <|endoftext|>
-            ids = prompt + completion + [tokenizer.EOT_ID]
+            ids = np.concatenate([prompt, completion, _EOT])
             row = np.array([self.count, len(prompt), len(ids)], dtype=INDEX_DTYPE)
             self.index.write(row.tobytes())
             self.longest = max(self.longest, len(ids))
-        self.tokens.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+        self.tokens.write(ids.tobytes())
         self.count += len(ids)
         self.examples += 1
+
+
+_EOT = np.array([tokenizer.EOT_ID], dtype=TOKEN_DTYPE)
+_NONE = np.zeros(0, dtype=TOKEN_DTYPE)
 
 
 def _val_members(source: Source, total: int) -> np.ndarray:
@@ -181,12 +200,12 @@ def _prepare_examples(source: Source, folder: Path, progress: Progress | None) -
     joined = source.layout == "stream"
     given = "val" in source.files  # the data names its validation file
     if given:
-        totals = {part: sum(1 for _ in source.examples(part)) for part in ("train", "val")}
+        totals = {part: source.count(part) for part in ("train", "val")}
         parts: list[tuple[str, str | None]] = [("train", "train"), ("val", "val")]
         member = None
     else:  # split it: 10% of the examples, chosen by a seeded shuffle
         whole = "all" if "all" in source.files else "train"
-        totals = {whole: sum(1 for _ in source.examples(whole))}
+        totals = {whole: source.count(whole)}
         member = _val_members(source, totals[whole])
         parts = [(whole, None)]
     grand_total, done = sum(totals.values()), 0
@@ -201,13 +220,14 @@ def _prepare_examples(source: Source, folder: Path, progress: Progress | None) -
         for part, split in parts:
             position = 0
             for batch in _batched(source.examples(part), ENCODE_BATCH):
-                prompts = encode_batch([e.prompt for e in batch]) if source.kind.prompted else [[]] * len(batch)
+                prompts = encode_batch([e.prompt for e in batch]) if source.kind.prompted else [_NONE] * len(batch)
                 completions = encode_batch([e.completion for e in batch])
                 for prompt, completion in zip(prompts, completions):
                     target = split or ("val" if member[position] else "train")
                     writers[target].add(prompt, completion)
                     position += 1
                 done += len(batch)
+                del batch, prompts, completions  # before the next batch is read: one batch in memory
                 if progress:
                     progress(done, grand_total)
         for split, writer in writers.items():
@@ -233,8 +253,6 @@ def _prepare_text(source: Source, folder: Path, progress: Progress | None) -> di
     for name, ids in (("train", train_ids), ("val", val_ids)):
         with atomic_open(folder / f"{source.prefix}{name}.bin", "wb") as f:
             f.write(ids.tobytes())
-    if progress:
-        progress(1, 1)
     return {"layout": "stream", "kind": "text", "options": {},
             "split": {"unit": "characters", "val_fraction": VAL_FRACTION, "train_chars": split,
                       "val_chars": len(content) - split},

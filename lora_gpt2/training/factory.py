@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ class Run:
         return self.dist.device
 
 
-def build(config: TrainConfig, dist: distributed.Dist, resume: str) -> Run:
+def build(config: TrainConfig, dist: distributed.Dist, resume: str,
+          prepare_progress: Callable[[int, int], None] | None = None) -> Run:
     """A ready run; `resume` is "no", "yes" or "auto" (resume when the folder holds a run)."""
     if resume not in RESUME_MODES:
         raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {resume!r}")
@@ -72,7 +73,7 @@ def build(config: TrainConfig, dist: distributed.Dist, resume: str) -> Run:
     if dist.is_main:
         lock = run_dir.RunLock(out).acquire()
     try:
-        run = _build(config, dist, resume, out)
+        run = _build(config, dist, resume, out, prepare_progress)
     except BaseException:
         if lock is not None:
             lock.abandon()
@@ -81,7 +82,7 @@ def build(config: TrainConfig, dist: distributed.Dist, resume: str) -> Run:
     return run
 
 
-def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) -> Run:
+def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, prepare_progress) -> Run:
     notices: list[Notice] = []
     if dist.is_main:
         run_dir.recover(out)
@@ -98,7 +99,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) 
     if not dist.is_main:
         distributed.barrier(dist)  # rank 0 checks the folder and prepares the token files first
         resuming = resume == "yes" or (resume == "auto" and run_dir.existing_step(out) is not None)
-    prepared = ensure_prepared(config.data.data, config.data.options)
+    prepared = ensure_prepared(config.data.data, config.data.options, progress=prepare_progress)
     if dist.is_main:
         distributed.barrier(dist)
     mask_prompt = mask_prompt_for(prepared, config.data.mask_prompt)
@@ -113,7 +114,8 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) 
         raise ValueError(f"block_size {d.block_size} is longer than the model's context "
                          f"of {model.config.n_positions}")
     batches = train_batches(prepared, batch_size=d.batch_size, block_size=d.block_size, seed=config.run.seed,
-                            mask_prompt=mask_prompt, rank=dist.rank, world_size=dist.world_size, accum=o.grad_accum)
+                            mask_prompt=mask_prompt, rank=dist.rank, world_size=dist.world_size, accum=o.grad_accum,
+                            packing=d.packing)
     _check_token_ids(batches.tokens, prepared.train, model.config.vocab_size)
     val_windows = eval_batches(prepared, block_size=d.block_size, batch_size=d.batch_size,
                                max_batches=config.run.eval_batches, mask_prompt=mask_prompt)
@@ -122,7 +124,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path) 
     if o.max_steps:
         max_steps = o.max_steps
     elif prepared.layout == "examples":  # an epoch is every example once
-        max_steps = max(1, math.ceil(o.epochs * len(batches.index) / rows_per_step))
+        max_steps = max(1, math.ceil(o.epochs * batches.epoch_rows() / rows_per_step))
     else:  # an epoch is as many tokens as the train split holds
         max_steps = max(1, math.ceil(o.epochs * len(batches.tokens) / tokens_per_step))
     if prepared.layout == "examples" and batches.truncated():

@@ -90,11 +90,10 @@ class Trainer:
         scale = r.dist.world_size / max(counted, 1)
         total = torch.zeros((), device=r.device)
         for micro in range(accum):
-            x, y = r.batches.get(r.step, micro)
-            x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+            batch = r.batches.get(r.step, micro).to(r.device, non_blocking=True)
             sync = micro == accum - 1 or not r.dist.enabled
             with r.forward_model.no_sync() if not sync else contextlib.nullcontext():
-                loss = r.forward_model(x, targets=y, reduction="sum") * scale
+                loss = r.forward_model(batch.x, targets=batch.y, reduction="sum", segments=batch.segments) * scale
                 (r.scaler.scale(loss) if r.scaler else loss).backward()
             total += loss.detach()
         if r.scaler is not None:
@@ -209,13 +208,14 @@ def default_subscribers(config: TrainConfig, model, notify: Callable[[Event], No
 
 def train(config: TrainConfig, *, resume: bool | str = False, subscribers: Iterable[Subscriber] = (),
           should_stop: StopCheck = lambda: None, stop_after: int | None = None,
-          measure_mfu: bool = False) -> TrainResult:
+          measure_mfu: bool = False, prepare_progress: Callable[[int, int], None] | None = None) -> TrainResult:
     """Run (or resume) a training run as configured; `subscribers` receive its events after the
     run's own (metrics.jsonl, loss.png). `resume`: False/True, or "auto" (resume if there is a run).
+    `prepare_progress(done, total)` hears how a first preparation of the data goes.
     """
     mode = {False: "no", True: "yes"}.get(resume, resume) if isinstance(resume, bool) else resume
     with distributed.process_group(config.run.device) as dist:
-        run = factory.build(config, dist, mode)
+        run = factory.build(config, dist, mode, prepare_progress)
         try:
             trainer = Trainer(run)
             trainer.subscribers = (default_subscribers(config, run.model, trainer.emit) + list(subscribers)
