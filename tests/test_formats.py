@@ -111,11 +111,16 @@ def test_a_folder_of_documents_is_joined_by_eot_and_split_by_documents(tmp_path)
         assert ids == expected
 
 
-def test_a_folder_holding_input_txt_alone_keeps_its_meaning(tmp_path):
+def test_a_folder_holding_one_text_file_means_that_file(tmp_path):
     (tmp_path / "input.txt").write_text("Hello there.\n" * 200)
     p = ensure_prepared(tmp_path)
     assert (p.kind, p.train, p.val) == ("text", tmp_path / "train.bin", tmp_path / "val.bin")
     assert json.loads(p.meta.read_text())["split"]["unit"] == "characters"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "story.md").write_text("Once upon a time.\n" * 100)
+    q = ensure_prepared(other)
+    assert (q.kind, q.train) == ("text", other / "story.train.bin")
 
 
 def test_a_changed_source_or_other_columns_prepare_again(tmp_path):
@@ -268,3 +273,10 @@ def test_preparing_a_large_jsonl_keeps_memory_bounded(tmp_path):
         assert prepared.examples("train") == copies
     size = (tmp_path / "16000" / "train.jsonl").stat().st_size  # 11 MB
     assert peaks[1] < 1.25 * peaks[0] + 2**20 and peaks[1] < size / 2, (peaks, size)
+
+
+def test_a_folder_of_one_real_document_and_empty_ones_cannot_be_split(tmp_path):
+    (tmp_path / "a.txt").write_text("The only poem.\n")
+    (tmp_path / "b.txt").write_text("\n\n")
+    with pytest.raises(DataError, match=r"holds 1 document; splitting train and val needs at least 2$"):
+        ensure_prepared(tmp_path)

@@ -356,8 +356,8 @@ def _folder_source(folder: Path, options: Options) -> Source:
             if split != "train" and _jsonl_kind(f) is not kind:
                 raise DataError(f"{f} is {_jsonl_kind(f).label} but train.jsonl is {kind.label}: mixed formats")
         return Source(folder, kind, {s: jsonl[s] for s in ("train", "val") if s in jsonl}, folder, "")
-    if texts == [folder / "input.txt"]:
-        return Source(folder / "input.txt", TextFile(), {"all": tuple(texts)}, folder, "")
+    if len(texts) == 1:  # one text (input.txt, as download-data leaves it): as if given itself
+        return _file_source(texts[0], options)
     if not texts:
         others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jsonl", ".csv"))
         hint = f" ({others[0]} is there: give the file itself)" if others else ""

@@ -188,8 +188,9 @@ _NONE = np.zeros(0, dtype=TOKEN_DTYPE)
 def _val_members(source: Source, total: int) -> np.ndarray:
     """Which of `total` examples are val: a seeded shuffle's first 10%."""
     if total < 2:
-        raise DataError(f"{source.path} holds {total} example{'s' * (total != 1)}; splitting train and val "
-                        "needs at least 2 (or give a valid.jsonl)")
+        unit = "document" if source.layout == "stream" else "example"
+        raise DataError(f"{source.path} holds {total} {unit}{'s' * (total != 1)}; splitting train and val "
+                        "needs at least 2" + ("" if source.layout == "stream" else " (or give a valid.jsonl)"))
     n_val = max(1, round(total * VAL_FRACTION))
     member = np.zeros(total, dtype=bool)
     member[np.random.default_rng(SPLIT_SEED).permutation(total)[:n_val]] = True
