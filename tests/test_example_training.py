@@ -237,3 +237,16 @@ def test_packing_trains_and_resumes_bit_identically(tiny_checkpoint, qa, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records(tmp_path / "whole") == records(tmp_path / "split")
     assert whole.best_val_loss < records(tmp_path / "whole")[0]["train_loss"] + 1.0
+
+
+def test_a_first_preparation_shows_its_progress_before_the_run_starts(tiny_checkpoint, tmp_path, cli):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    args = ("train", "--model", tiny_checkpoint[0], "--data", data, "--max-steps", "1", "--block-size", "24",
+            "--batch-size", "2", "--device", "cpu")
+    code, _, err = cli(*args, "--out", tmp_path / "a")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == "prepare: 64 of 64 examples" and lines[1].startswith("model ")
+    code, _, err = cli(*args, "--out", tmp_path / "b")  # prepared already: no bar
+    assert code == 0 and "prepare:" not in err

@@ -96,6 +96,9 @@ class LazyProgress:
         if self.bar is None:
             self.bar = progress(total, self.desc, unit=self.unit)
         self.bar.update(done - self.bar.n)
+        if done >= total:  # finished: its last line now, before what follows
+            self.bar.close()
+            self.bar = None
 
     def __enter__(self) -> "LazyProgress":
         return self
