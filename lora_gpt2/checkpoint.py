@@ -164,7 +164,8 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
         raise CheckpointError(f"{meta_path}: lora must be an object with targets and r, got {lora!r}")
     try:
         cfg = LoRAConfig(targets=tuple(lora["targets"]), r=lora["r"], alpha=lora.get("alpha"),
-                         dropout=lora.get("dropout", 0.0))
+                         dropout=lora.get("dropout", 0.0), rslora=lora.get("rslora", False),
+                         layers=lora.get("layers"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path} has invalid LoRA settings ({exc})") from None
     settings = meta.get("eval")

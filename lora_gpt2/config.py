@@ -77,18 +77,46 @@ class ModelConfig:
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
+def parse_layers(spec: str) -> tuple[str, tuple[int, ...]]:
+    """A `--layers` value: "N" (the last N blocks), "A-B" (blocks A to B) or "A,B,C".
+    Returns ("last", (N,)) or ("blocks", indices); the block count is checked later."""
+    text = str(spec).replace(" ", "")
+    try:
+        if text.isdigit():
+            if int(text) < 1:
+                raise ValueError
+            return "last", (int(text),)
+        if "-" in text and "," not in text:
+            low, high = (int(part) for part in text.split("-"))
+            if low < 0 or high < low:
+                raise ValueError
+            return "blocks", tuple(range(low, high + 1))
+        blocks = tuple(sorted({int(part) for part in text.split(",")}))
+        if not blocks or blocks[0] < 0:
+            raise ValueError
+        return "blocks", blocks
+    except ValueError:
+        raise ValueError(f"layers must be N (the last N blocks, N >= 1), A-B with A <= B, or a list "
+                         f"A,B,C of block numbers from 0; got {spec!r}") from None
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Which modules get a LoRA update, and its rank, alpha and dropout.
+    """Which modules get a LoRA update, and its rank, alpha, dropout and variant.
 
     The one place these settings are checked: the layers, the training config and every
     reader of an adapter build a LoRAConfig. `alpha=None` means alpha = r (scaling 1).
+    `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA). `layers` limits the
+    per-block targets to some blocks ("N": the last N; "A-B"; "A,B,C"); None is every block.
+    Embedding and lm_head targets do not depend on it.
     """
 
     targets: tuple[str, ...] = ("qkv_projection",)
     r: int = 8
     alpha: float | None = None
     dropout: float = 0.0
+    rslora: bool = False
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -100,6 +128,25 @@ class LoRAConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        if self.layers is not None:
+            parse_layers(self.layers)
+
+    def blocks(self, n_layer: int) -> tuple[int, ...]:
+        """The blocks whose per-block targets get an adapter, for a model of n_layer blocks."""
+        if self.layers is None:
+            return tuple(range(n_layer))
+        how, values = parse_layers(self.layers)
+        if how == "last":
+            if values[0] > n_layer:
+                raise ValueError(f"layers {self.layers!r} asks for the last {values[0]} blocks of a "
+                                 f"{n_layer}-block model")
+            return tuple(range(n_layer - values[0], n_layer))
+        if values[-1] >= n_layer:
+            raise ValueError(f"layers {self.layers!r} names block {values[-1]}, but the model's blocks are "
+                             f"0-{n_layer - 1}")
+        return values
 
     @property
     def alpha_value(self) -> float:
@@ -108,7 +155,9 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha_value / self.r
+        # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale as r grows
+        return self.alpha_value / (math.sqrt(self.r) if self.rslora else self.r)
 
     def to_dict(self) -> dict:
-        return {"targets": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout}
+        return {"targets": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                "rslora": self.rslora, "layers": self.layers}

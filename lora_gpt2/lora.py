@@ -1,7 +1,8 @@
 """LoRA layers: a frozen weight plus a trainable low-rank update.
 
 `Linear` and `Embedding` follow the original LoRA formulation (microsoft/LoRA):
-the update is ``(lora_b @ lora_a) * scaling`` with ``scaling = alpha / r``, ``lora_a``
+the update is ``(lora_b @ lora_a) * scaling`` with ``scaling = alpha / r`` (``alpha / sqrt(r)``
+with rsLoRA), ``lora_a``
 kaiming-uniform (normal for embeddings) and ``lora_b`` zeros, so a fresh layer equals
 the frozen one. `FrozenLinear` / `FrozenEmbedding` are the same layers without an
 update: a module that is not a LoRA target carries no LoRA parameters at all.
@@ -65,6 +66,10 @@ class AdapterLayer:
     def low_rank_terms(self) -> LowRankTerms | None:
         """The terms the fused loss may use instead of `forward`, or None when it must call `forward`."""
         return None
+
+    def fast_params(self) -> tuple[str, ...]:
+        """Local names of the tensors LoRA+ trains at its larger learning rate (none by default)."""
+        return ()
 
     def materialize(self, device: str | torch.device) -> None:
         """Real, freshly initialised float32 adapter tensors for a layer built on the meta device."""
@@ -139,9 +144,10 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         r: int,
         alpha: float | None = None,
         dropout: float = 0.0,
+        rslora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias)
-        cfg = LoRAConfig(targets=(), r=r, alpha=alpha, dropout=dropout)  # the one validator
+        cfg = LoRAConfig(targets=(), r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # the one validator
         self.r, self.alpha, self.scaling = r, cfg.alpha_value, cfg.scaling
         self.lora_a = nn.Parameter(torch.empty(r, in_features))
         self.lora_b = nn.Parameter(torch.empty(out_features, r))
@@ -162,6 +168,11 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         if self.training and isinstance(self.dropout, nn.Dropout):
             return None  # the dropout mask is needed again in backward: use forward
         return LowRankTerms(self.weight, self.lora_a, self.lora_b, self.scaling)
+
+    def fast_params(self) -> tuple[str, ...]:
+        # LoRA+ (Hayou et al. 2024): B learns faster than A. Embeddings keep one rate: PEFT's
+        # helper gives them a fixed 1e-6 instead, which would all but freeze them.
+        return ("lora_b",)
 
     def delta_weight(self) -> torch.Tensor:
         """The update folded into `weight` by merge: (out, in)."""
@@ -206,10 +217,10 @@ class Embedding(_AdditiveUpdate, FrozenEmbedding):
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, r: int, alpha: float | None = None
+        self, num_embeddings: int, embedding_dim: int, r: int, alpha: float | None = None, rslora: bool = False
     ) -> None:
         super().__init__(num_embeddings, embedding_dim)
-        cfg = LoRAConfig(targets=(), r=r, alpha=alpha)
+        cfg = LoRAConfig(targets=(), r=r, alpha=alpha, rslora=rslora)
         self.r, self.alpha, self.scaling = r, cfg.alpha_value, cfg.scaling
         self.lora_a = nn.Parameter(torch.empty(r, num_embeddings))
         self.lora_b = nn.Parameter(torch.empty(embedding_dim, r))
@@ -251,6 +262,12 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         prefix = f"{module_name}." if module_name else ""
         params.update({prefix + local: p for local, p in layer.adapter_params().items()})
     return params
+
+
+def fast_parameters(model: nn.Module) -> set[int]:
+    """ids of the tensors the adapter layers declare for LoRA+'s larger learning rate."""
+    return {id(p) for layer in adapter_layers(model).values()
+            for local, p in layer.adapter_params().items() if local in layer.fast_params()}
 
 
 def head_terms(module: nn.Module) -> LowRankTerms | None:

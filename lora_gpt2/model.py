@@ -29,17 +29,17 @@ def _check_rank(name: str, rows: int, cols: int, cfg: LoRAConfig) -> None:
                          f"so its full rank is {min(rows, cols)}; choose a rank of at most {min(rows, cols)}")
 
 
-def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig) -> nn.Module:
-    if name in cfg.targets:
+def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig, adapted: bool = True) -> nn.Module:
+    if name in cfg.targets and adapted:
         _check_rank(name, n_out, n_in, cfg)
-        return lora.Linear(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+        return lora.Linear(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
     return lora.FrozenLinear(n_in, n_out, bias)
 
 
 def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
     if name in cfg.targets:
         _check_rank(name, num, dim, cfg)
-        return lora.Embedding(num, dim, r=cfg.r, alpha=cfg.alpha)
+        return lora.Embedding(num, dim, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora)
     return lora.FrozenEmbedding(num, dim)
 
 
@@ -94,12 +94,12 @@ def _packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig, adapted: bool = True) -> None:
         super().__init__()
         self.n_head = config.n_head
         d = config.n_embd
-        self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg)
-        self.output_projection = _linear("output_projection", d, d, True, lora_cfg)
+        self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg, adapted)
+        self.output_projection = _linear("output_projection", d, d, True, lora_cfg, adapted)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
@@ -131,11 +131,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig, adapted: bool = True) -> None:
         super().__init__()
         d, f = config.n_embd, config.ffn_size
-        self.linear_in = _linear("linear_in", d, f, True, lora_cfg)
-        self.linear_out = _linear("linear_out", f, d, True, lora_cfg)
+        self.linear_in = _linear("linear_in", d, f, True, lora_cfg, adapted)
+        self.linear_out = _linear("linear_out", f, d, True, lora_cfg, adapted)
         self.approximate = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,12 +143,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig) -> None:
+    def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig, adapted: bool = True) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = Attention(config, lora_cfg)
+        self.attn = Attention(config, lora_cfg, adapted)
         self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.ffn = FeedForward(config, lora_cfg)
+        self.ffn = FeedForward(config, lora_cfg, adapted)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), kv, mask)
@@ -165,7 +165,8 @@ class GPT2(nn.Module):
         self.position_embedding = _embedding(
             "position_embedding", config.n_positions, config.n_embd, lora_cfg
         )
-        self.blocks = nn.ModuleList(Block(config, lora_cfg) for _ in range(config.n_layer))
+        adapted = lora_cfg.blocks(config.n_layer)  # --layers: per-block targets in these blocks only
+        self.blocks = nn.ModuleList(Block(config, lora_cfg, i in adapted) for i in range(config.n_layer))
         self.final_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = _linear("lm_head", config.n_embd, config.vocab_size, False, lora_cfg)
         self.base: BaseModel | None = None  # set by weights.load_pretrained
@@ -202,8 +203,14 @@ class GPT2(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         else:
             pos, mask = _packed_positions(segments)  # (B, T), (B, 1, T, T)
-        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
+        first = self.first_trained_block if torch.is_grad_enabled() else 0
+        with torch.no_grad() if first else contextlib.nullcontext():
+            # nothing below the lowest adapted block learns: backward need not reach it, so
+            # its activations are not kept (an lm_head-only adapter runs every block this way)
+            x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+            for i, block in enumerate(self.blocks[:first]):
+                x = block(x, None if cache is None else cache.layer(i), mask)
+        for i, block in enumerate(self.blocks[first:], start=first):
             x = block(x, None if cache is None else cache.layer(i), mask)
         if cache is not None:
             cache.length = start + T
@@ -226,6 +233,17 @@ class GPT2(nn.Module):
 
     def lora_layers(self) -> dict[str, lora.AdapterLayer]:
         return lora.adapter_layers(self)
+
+    @property
+    def first_trained_block(self) -> int:
+        """The lowest block that holds a trainable parameter, or that trainable embeddings feed
+        (0); n_layer when only the lm_head learns."""
+        if any(p.requires_grad for m in (self.token_embedding, self.position_embedding) for p in m.parameters()):
+            return 0
+        for i, block in enumerate(self.blocks):
+            if any(p.requires_grad for p in block.parameters()):
+                return i
+        return len(self.blocks)
 
     @property
     def fingerprint(self) -> str | None:

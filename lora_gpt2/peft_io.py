@@ -35,12 +35,10 @@ TENSOR_SUFFIXES = {
 # adapter_config.json fields that change the arithmetic: refused by name unless at this value
 UNSUPPORTED = {
     "use_dora": (False, None),
-    "use_rslora": (False, None),
     "use_qalora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
@@ -69,7 +67,15 @@ def our_to_peft_names(n_layer: int) -> dict[str, str]:
     return names
 
 
-def peft_config(lora: LoRAConfig, base_model: str | None) -> dict[str, Any]:
+def _peft_target(module: layout.Module, lora: LoRAConfig) -> str:
+    # With layers_to_transform, PEFT keeps only modules with a block number, except those named
+    # by their whole path: so wte, wpe and lm_head are named in full, as our --layers leaves them
+    if lora.layers is not None and not module.per_block:
+        return module.hf
+    return module.peft_target
+
+
+def peft_config(lora: LoRAConfig, base_model: str | None, n_layer: int) -> dict[str, Any]:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -77,14 +83,17 @@ def peft_config(lora: LoRAConfig, base_model: str | None) -> dict[str, Any]:
         "r": lora.r,
         "lora_alpha": lora.alpha_value,
         "lora_dropout": lora.dropout,
-        "target_modules": [layout.BY_TARGET[t].peft_target for t in lora.targets],
+        "target_modules": [_peft_target(layout.BY_TARGET[t], lora) for t in lora.targets],
         # GPT-2's Conv1D stores (in, out); PEFT needs this to merge them (it resets it per layer)
         "fan_in_fan_out": any(layout.BY_TARGET[t].kind == "conv1d" for t in lora.targets),
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
         "use_dora": False,
-        "use_rslora": False,
+        "use_rslora": lora.rslora,
+        # PEFT applies this to every target with a block number (not wte, wpe, lm_head), as we do
+        "layers_to_transform": None if lora.layers is None else list(lora.blocks(n_layer)),
+        "layers_pattern": None if lora.layers is None else "h",
         "modules_to_save": None,
     }
 
@@ -101,7 +110,7 @@ def export_peft(tensors: dict[str, torch.Tensor], lora: LoRAConfig, n_layer: int
     converted = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / WEIGHTS_FILE, save(converted, metadata={"format": "pt"}))
-    write_text(out_dir / CONFIG_FILE, json.dumps(peft_config(lora, base_model), indent=2) + "\n")
+    write_text(out_dir / CONFIG_FILE, json.dumps(peft_config(lora, base_model, n_layer), indent=2) + "\n")
 
 
 def read_peft(directory: Path):
@@ -142,10 +151,24 @@ def read_peft(directory: Path):
     targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in ours})
     try:
         lora = LoRAConfig(targets=tuple(targets), r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
-                          dropout=float(raw.get("lora_dropout") or 0.0))
+                          dropout=float(raw.get("lora_dropout") or 0.0), rslora=bool(raw.get("use_rslora") or False),
+                          layers=_layers_spec(raw.get("layers_to_transform"), config_path))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: invalid LoRA settings ({exc})") from None
     return lora, ours, raw.get("base_model_name_or_path"), base_layers
+
+
+def _layers_spec(value, config_path: Path) -> str | None:
+    """PEFT's layers_to_transform (a block number or a list of them) as a --layers value."""
+    if value in (None, []):
+        return None
+    values = [value] if isinstance(value, int) else value
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(f"{config_path}: layers_to_transform must be a block number or a list of them, "
+                              f"got {value!r}")
+    blocks = sorted(set(values))
+    # one block is "k-k": a bare "k" would mean the last k blocks
+    return f"{blocks[0]}-{blocks[0]}" if len(blocks) == 1 else ",".join(map(str, blocks))
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,8 @@ class ModelSettings:
     alpha: Optional[float] = 16.0  # None means alpha = rank
     dropout: float = 0.05
     dtype: str = "auto"  # frozen-weight storage; auto = bfloat16 on CUDA, float32 elsewhere
+    rslora: bool = False  # scaling = alpha / sqrt(rank) (rank-stabilised LoRA)
+    layers: Optional[str] = None  # per-block targets only in these blocks: "N" (last N), "A-B", "A,B,C"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -60,7 +62,8 @@ class ModelSettings:
     @property
     def lora(self) -> LoRAConfig:
         """The library's LoRA settings: `rank` here is `r` there (alpha=None there means alpha = r)."""
-        return LoRAConfig(targets=self.targets, r=self.rank, alpha=self.alpha, dropout=self.dropout)
+        return LoRAConfig(targets=self.targets, r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          rslora=self.rslora, layers=self.layers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class OptimSettings:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
+    lora_plus_ratio: Optional[float] = None  # LoRA+: lora_b learns at this many times lr (16 is the paper's)
     grad_accum: int = 1
     max_steps: Optional[int] = 1000
     epochs: Optional[float] = None  # instead of max_steps: passes over the train tokens
@@ -110,6 +114,7 @@ class OptimSettings:
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _positive("lr", self.lr)
+        _positive("lora_plus_ratio", self.lora_plus_ratio, allow_none=True)
         _non_negative("weight_decay", self.weight_decay)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

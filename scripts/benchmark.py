@@ -80,7 +80,8 @@ def worker_train(args) -> dict:
             model=args.checkpoint, data=args.data, out=tempfile.mkdtemp(), targets=("qkv_projection",),
             rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
-            compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0)))
+            compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0,
+            layers=args.layers)))
         # the same batches, learning rate and optimiser as the PEFT side below
         trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
 
@@ -283,12 +284,13 @@ WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker
 
 
 # ---------------------------------------------------------------- the parent: plan, run, report
-def spawn(args, task: str, system: str = "", dtype: str = "float32") -> dict:
+def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", task, "--system", system, "--dtype", dtype,
            "--checkpoint", str(args.checkpoint), "--data", args.data, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--block-size", str(args.block_size), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
-           "--spawned-at", repr(time.time())] + (["--compile"] if args.compile else [])
+           "--spawned-at", repr(time.time())] + (["--compile"] if args.compile else []) + \
+        (["--layers", layers] if layers else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -319,7 +321,7 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
-SECTIONS = ("train", "generate", "examples", "prepare")
+SECTIONS = ("train", "generate", "examples", "prepare", "layers")
 
 
 def run(args) -> dict:
@@ -351,6 +353,10 @@ def run(args) -> dict:
             print(f"  examples {layout}: {results[f'examples_{layout}']}", file=sys.stderr)
     if "prepare" in only:
         results["prepare"] = spawn(args, "prepare")
+    if "layers" in only:  # backward stops at the lowest adapted block
+        results["layers_all"] = spawn(args, "train", "lora-gpt2")
+        results["layers_last4"] = spawn(args, "train", "lora-gpt2", layers="4")
+        print(f"  layers: all {results['layers_all']} last 4 {results['layers_last4']}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
@@ -415,6 +421,11 @@ def table(results: dict) -> str:
         lines.append(f"preparation: {prep['ours_tokens_per_s']:,.0f} tokens/s ({prep['examples']:,} examples, "
                      f"{prep['threads']} threads) vs {prep['single_thread_tokens_per_s']:,.0f} tokens/s encoding "
                      "the text whole on one thread")
+    if "layers_all" in results:
+        every, last = results["layers_all"], results["layers_last4"]
+        lines.append(f"adapters on the last 4 of the blocks (--layers 4) vs all: {last['tokens_per_s']:,.0f} vs "
+                     f"{every['tokens_per_s']:,.0f} tokens/s ({last['tokens_per_s'] / every['tokens_per_s']:.2f}×), "
+                     f"peak memory {last['peak_mb']:,.0f} vs {every['peak_mb']:,.0f} MB")
     return "\n".join(lines)
 
 
@@ -435,6 +446,7 @@ def parse(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--layers", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--system", default="", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

@@ -89,7 +89,7 @@ def test_every_name_table_is_derived_from_one_layout():
     peft_names = peft_io.our_to_peft_names(2)
     assert peft_names["blocks.1.ffn.linear_out.lora_b"] == "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight"
     assert peft_names["token_embedding.lora_a"] == "base_model.model.transformer.wte.lora_embedding_A"
-    assert peft_io.peft_config(LoRAConfig(targets=("all",)), None)["target_modules"] == [
+    assert peft_io.peft_config(LoRAConfig(targets=("all",)), None, 2)["target_modules"] == [
         "wte", "wpe", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"]
     assert weights.is_transposed("h.3.mlp.c_proj.weight") and not weights.is_transposed("h.3.ln_2.weight")
 

@@ -51,6 +51,12 @@ def train_cmd(
     rank: Optional[int] = Opt(None, help=H("LoRA rank r.", "rank")),
     alpha: Optional[float] = Opt(None, help=H("LoRA alpha; scaling = alpha / rank (none: alpha = rank).", "alpha")),
     dropout: Optional[float] = Opt(None, help=H("Dropout on the LoRA input path.", "dropout")),
+    rslora: Optional[bool] = Opt(None, "--rslora/--no-rslora",
+                                 help=H("Rank-stabilised LoRA: scaling = alpha / sqrt(rank).", "rslora")),
+    layers: Optional[str] = Opt(None, help=H("Adapters in these blocks only: N (the last N), A-B, or A,B,C; "
+                                             "embedding and lm_head targets are not affected.", "layers")),
+    lora_plus_ratio: Optional[float] = Opt(None, help=H("LoRA+: lora_b learns at this many times --lr (16 is "
+                                                        "the paper's choice).", "lora_plus_ratio")),
     dtype: Optional[str] = Opt(None, help=H("Frozen weights: auto, float32, bfloat16, float16 (CUDA).", "dtype")),
     block_size: Optional[int] = Opt(None, help=H("Context length of each training window.", "block_size")),
     batch_size: Optional[int] = Opt(None, help=H("Windows per micro-batch (per GPU).", "batch_size")),

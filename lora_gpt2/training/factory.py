@@ -18,7 +18,7 @@ from .. import checkpoint, distributed, metrics
 from ..data import Prepared, ensure_prepared, eval_batches, mask_prompt_for, train_batches
 from ..devices import resolve_dtype
 from ..errors import CheckpointError
-from ..lora import lora_parameters
+from ..lora import fast_parameters, lora_parameters
 from ..model import GPT2
 from ..tokenizer import VOCAB_SIZE
 from ..train_config import TrainConfig
@@ -30,7 +30,8 @@ from .optim import apply_settings, build_optimizer, build_scheduler
 # Settings that give a run its meaning: a resumed run must keep them (section, key).
 FIXED_ON_RESUME = (("model", "model"), ("model", "targets"), ("model", "rank"), ("model", "alpha"),
                    ("data", "data"), ("data", "block_size"), ("data", "text_column"), ("data", "prompt_column"),
-                   ("data", "completion_column"), ("data", "mask_prompt"), ("optim", "optimizer"))
+                   ("data", "completion_column"), ("data", "mask_prompt"), ("optim", "optimizer"),
+                   ("model", "rslora"), ("model", "layers"), ("optim", "lora_plus_ratio"))
 RESUME_MODES = ("no", "yes", "auto")
 
 
@@ -131,7 +132,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
         notices.append(Notice(f"{batches.truncated():,} of {len(batches.index):,} train examples are longer than "
                               f"--block-size {d.block_size} + 1 tokens: their prompts are cut from the left "
                               "(then their ends)"))
-    optimizer = build_optimizer(list(lora_parameters(model).values()), o)
+    optimizer = build_optimizer(list(lora_parameters(model).values()), o, fast_parameters(model))
     scheduler = build_scheduler(optimizer, o, max_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     run = Run(config, dist, dtype, out, model, model, batches, val_windows, prepared, optimizer, scheduler, scaler,
