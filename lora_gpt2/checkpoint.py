@@ -165,7 +165,7 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
     try:
         cfg = LoRAConfig(targets=tuple(lora["targets"]), r=lora["r"], alpha=lora.get("alpha"),
                          dropout=lora.get("dropout", 0.0), rslora=lora.get("rslora", False),
-                         layers=lora.get("layers"))
+                         layers=lora.get("layers"), dora=lora.get("dora", False))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path} has invalid LoRA settings ({exc})") from None
     settings = meta.get("eval")

@@ -106,7 +106,8 @@ class LoRAConfig:
 
     The one place these settings are checked: the layers, the training config and every
     reader of an adapter build a LoRAConfig. `alpha=None` means alpha = r (scaling 1).
-    `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA). `layers` limits the
+    `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA); `dora` makes the layers DoRA
+    (dora.py). `layers` limits the
     per-block targets to some blocks ("N": the last N; "A-B"; "A,B,C"); None is every block.
     Embedding and lm_head targets do not depend on it.
     """
@@ -117,6 +118,7 @@ class LoRAConfig:
     dropout: float = 0.0
     rslora: bool = False
     layers: str | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -128,8 +130,9 @@ class LoRAConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        for name in ("rslora", "dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.layers is not None:
             parse_layers(self.layers)
 
@@ -160,4 +163,4 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "rslora": self.rslora, "layers": self.layers}
+                "rslora": self.rslora, "layers": self.layers, "dora": self.dora}

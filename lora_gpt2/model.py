@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lora
+from . import dora, lora
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .loss import fused_lm_head_loss
 
@@ -32,14 +32,16 @@ def _check_rank(name: str, rows: int, cols: int, cfg: LoRAConfig) -> None:
 def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig, adapted: bool = True) -> nn.Module:
     if name in cfg.targets and adapted:
         _check_rank(name, n_out, n_in, cfg)
-        return lora.Linear(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+        cls = dora.DoRALinear if cfg.dora else lora.Linear
+        return cls(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
     return lora.FrozenLinear(n_in, n_out, bias)
 
 
 def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
     if name in cfg.targets:
         _check_rank(name, num, dim, cfg)
-        return lora.Embedding(num, dim, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora)
+        cls = dora.DoRAEmbedding if cfg.dora else lora.Embedding
+        return cls(num, dim, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora)
     return lora.FrozenEmbedding(num, dim)
 
 

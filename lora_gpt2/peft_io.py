@@ -31,10 +31,11 @@ TENSOR_SUFFIXES = {
     ("embedding", "lora_b"): "lora_embedding_B",
     ("linear", "lora_a"): "lora_A.weight",
     ("linear", "lora_b"): "lora_B.weight",
+    ("embedding", "magnitude"): "lora_magnitude_vector",  # DoRA
+    ("linear", "magnitude"): "lora_magnitude_vector",
 }
 # adapter_config.json fields that change the arithmetic: refused by name unless at this value
 UNSUPPORTED = {
-    "use_dora": (False, None),
     "use_qalora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
@@ -89,7 +90,7 @@ def peft_config(lora: LoRAConfig, base_model: str | None, n_layer: int) -> dict[
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": lora.dora,
         "use_rslora": lora.rslora,
         # PEFT applies this to every target with a block number (not wte, wpe, lm_head), as we do
         "layers_to_transform": None if lora.layers is None else list(lora.blocks(n_layer)),
@@ -131,7 +132,8 @@ def read_peft(directory: Path):
     ours: dict[str, torch.Tensor] = {}
     base_layers: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
-                         r"lora_embedding_A|lora_embedding_B|lora_A\.default\.weight|lora_B\.default\.weight)$")
+                         r"lora_embedding_A|lora_embedding_B|lora_A\.default\.weight|lora_B\.default\.weight|"
+                         r"lora_magnitude_vector)$")
     reverse = {m.hf: m.ours for m in layout.MODULES if m.target}
     for key, tensor in tensors.items():
         if key.endswith(".base_layer.weight"):
@@ -146,13 +148,17 @@ def read_peft(directory: Path):
             raise CheckpointError(f"{directory / WEIGHTS_FILE}: module {module!r} has no lora-gpt2 equivalent")
         block = re.search(r"\.h\.(\d+)\.", module)
         name = reverse[generic].format(i=block.group(1) if block else "")
-        half = "lora_a" if part.startswith(("lora_A", "lora_embedding_A")) else "lora_b"
-        ours[f"{name}.{half}"] = tensor
-    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in ours})
+        if part == "lora_magnitude_vector":
+            local = "magnitude"
+        else:
+            local = "lora_a" if part.startswith(("lora_A", "lora_embedding_A")) else "lora_b"
+        ours[f"{name}.{local}"] = tensor
+    targets = sorted({name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name in ours})  # "<module>.<local>"
     try:
         lora = LoRAConfig(targets=tuple(targets), r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
                           dropout=float(raw.get("lora_dropout") or 0.0), rslora=bool(raw.get("use_rslora") or False),
-                          layers=_layers_spec(raw.get("layers_to_transform"), config_path))
+                          layers=_layers_spec(raw.get("layers_to_transform"), config_path),
+                          dora=bool(raw.get("use_dora") or False))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: invalid LoRA settings ({exc})") from None
     return lora, ours, raw.get("base_model_name_or_path"), base_layers

@@ -49,6 +49,7 @@ class ModelSettings:
     dtype: str = "auto"  # frozen-weight storage; auto = bfloat16 on CUDA, float32 elsewhere
     rslora: bool = False  # scaling = alpha / sqrt(rank) (rank-stabilised LoRA)
     layers: Optional[str] = None  # per-block targets only in these blocks: "N" (last N), "A-B", "A,B,C"
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -63,7 +64,7 @@ class ModelSettings:
     def lora(self) -> LoRAConfig:
         """The library's LoRA settings: `rank` here is `r` there (alpha=None there means alpha = r)."""
         return LoRAConfig(targets=self.targets, r=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          rslora=self.rslora, layers=self.layers)
+                          rslora=self.rslora, layers=self.layers, dora=self.dora)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def worker_train(args) -> dict:
             rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
             compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0,
-            layers=args.layers)))
+            layers=args.layers, dora=args.variant == "dora")))
         # the same batches, learning rate and optimiser as the PEFT side below
         trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
 
@@ -94,7 +94,8 @@ def worker_train(args) -> dict:
 
         model = GPT2LMHeadModel.from_pretrained(args.checkpoint).to(args.device)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True, lora_dropout=0.0))
+                                                 fan_in_fan_out=True, lora_dropout=0.0,
+                                                 use_dora=args.variant == "dora"))
         model.eval()  # no dropout in either system; gradients flow all the same
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -284,13 +285,14 @@ WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker
 
 
 # ---------------------------------------------------------------- the parent: plan, run, report
-def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None) -> dict:
+def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None,
+          variant: str = "lora") -> dict:
     cmd = [sys.executable, __file__, "--worker", task, "--system", system, "--dtype", dtype,
            "--checkpoint", str(args.checkpoint), "--data", args.data, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--block-size", str(args.block_size), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
            "--spawned-at", repr(time.time())] + (["--compile"] if args.compile else []) + \
-        (["--layers", layers] if layers else [])
+        (["--layers", layers] if layers else []) + ["--variant", variant]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -321,7 +323,7 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
-SECTIONS = ("train", "generate", "examples", "prepare", "layers")
+SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora")
 
 
 def run(args) -> dict:
@@ -353,6 +355,11 @@ def run(args) -> dict:
             print(f"  examples {layout}: {results[f'examples_{layout}']}", file=sys.stderr)
     if "prepare" in only:
         results["prepare"] = spawn(args, "prepare")
+    if "dora" in only:  # DoRA against PEFT's DoRA, and each against its own plain LoRA, in one run
+        for variant in ("lora", "dora"):
+            for system in ("lora-gpt2", "peft"):
+                results[f"variant_{variant}_{system}"] = got = spawn(args, "train", system, variant=variant)
+                print(f"  {variant} {system}: {got}", file=sys.stderr)
     if "layers" in only:  # backward stops at the lowest adapted block
         results["layers_all"] = spawn(args, "train", "lora-gpt2")
         results["layers_last4"] = spawn(args, "train", "lora-gpt2", layers="4")
@@ -421,6 +428,15 @@ def table(results: dict) -> str:
         lines.append(f"preparation: {prep['ours_tokens_per_s']:,.0f} tokens/s ({prep['examples']:,} examples, "
                      f"{prep['threads']} threads) vs {prep['single_thread_tokens_per_s']:,.0f} tokens/s encoding "
                      "the text whole on one thread")
+    if "variant_dora_lora-gpt2" in results:
+        v = {k: results[f"variant_{k}"] for k in ("lora_lora-gpt2", "lora_peft", "dora_lora-gpt2", "dora_peft")}
+        lines.append(
+            f"DoRA (float32): lora-gpt2 {v['dora_lora-gpt2']['tokens_per_s']:,.0f} tokens/s, "
+            f"{v['dora_lora-gpt2']['peak_mb']:,.0f} MB; PEFT {v['dora_peft']['tokens_per_s']:,.0f} tokens/s, "
+            f"{v['dora_peft']['peak_mb']:,.0f} MB ({v['dora_lora-gpt2']['tokens_per_s'] / v['dora_peft']['tokens_per_s']:.2f}× "
+            f"the speed); DoRA's cost over plain LoRA: lora-gpt2 "
+            f"{v['dora_lora-gpt2']['tokens_per_s'] / v['lora_lora-gpt2']['tokens_per_s']:.2f}×, PEFT "
+            f"{v['dora_peft']['tokens_per_s'] / v['lora_peft']['tokens_per_s']:.2f}× the tokens/s")
     if "layers_all" in results:
         every, last = results["layers_all"], results["layers_last4"]
         lines.append(f"adapters on the last 4 of the blocks (--layers 4) vs all: {last['tokens_per_s']:,.0f} vs "
@@ -447,6 +463,7 @@ def parse(argv=None):
                    help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--layers", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="lora", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--system", default="", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

@@ -99,11 +99,11 @@ def test_peft_features_we_do_not_support_are_refused_by_name(tiny_checkpoint, tm
     adapter = save_ours(model, tmp_path / "adapter")
     export_peft(load_file(adapter / "adapter.safetensors"), model.lora_config, 2, path, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    cfg.update(use_dora=True, some_future_field=123)
+    cfg.update(rank_pattern={"c_attn": 8}, some_future_field=123)
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
+    with pytest.raises(CheckpointError, match=r"rank_pattern=\{'c_attn': 8\} is not supported"):
         load_with_adapter(str(tmp_path / "peft"), model=path)
-    cfg["use_dora"] = False  # unknown fields alone are tolerated
+    cfg["rank_pattern"] = {}  # unknown fields alone are tolerated
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
     load_with_adapter(str(tmp_path / "peft"), model=path)
 

@@ -75,8 +75,8 @@ def test_peft_export_refuses_a_tensor_it_has_no_name_for(tmp_path):
     from lora_gpt2.errors import CheckpointError
     from lora_gpt2.peft_io import export_peft
 
-    tensors = {"blocks.0.attn.qkv_projection.magnitude": torch.ones(96)}
-    with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv_projection.magnitude' has no PEFT equivalent"):
+    tensors = {"blocks.0.attn.qkv_projection.gain": torch.ones(96)}
+    with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv_projection.gain' has no PEFT equivalent"):
         export_peft(tensors, LoRAConfig(), 2, "gpt2", tmp_path / "peft")
     assert not (tmp_path / "peft" / "adapter_config.json").exists()
 

@@ -48,7 +48,7 @@ def test_adapter_holds_exactly_the_lora_tensors_and_reloads_to_identical_logits(
     meta = json.loads((last / "adapter.json").read_text())
     assert meta["step"] == 6 and meta["lora"] == {"targets": ["qkv_projection", "output_projection", "lm_head"],
                                                   "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False,
-                                                  "layers": None}
+                                                  "layers": None, "dora": False}
     assert meta["base_fingerprint"] == trainer.model.fingerprint and meta["format_version"] == 1
     assert checkpoint.read_checkpoint(tmp_path / "run").path == tmp_path / "run" / "best"  # a run means best/
     ckpt = checkpoint.read_checkpoint(last)

@@ -194,10 +194,78 @@ def test_what_peft_can_do_and_we_cannot_read_is_still_refused(four_blocks, tmp_p
 
     as_peft(ours_with(four_blocks, LoRAConfig(targets=ATTN_FFN, r=4)), four_blocks, tmp_path, 4)
     config_path = tmp_path / "peft" / "adapter_config.json"
-    for field, value in (("rank_pattern", {"c_attn": 8}), ("use_dora", True), ("layers_to_transform", ["x"])):
+    for field, value in (("rank_pattern", {"c_attn": 8}), ("alpha_pattern", {"c_attn": 2.0}),
+                         ("layers_to_transform", ["x"])):
         config = json.loads(config_path.read_text())
         config[field] = value
         config_path.write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match=rf"{field}"):
             load_with_adapter(str(tmp_path / "peft"), model=four_blocks)
-        config_path.write_text(json.dumps({**config, field: None if field != "use_dora" else False}))
+        config_path.write_text(json.dumps({**config, field: None}))
+
+
+@pytest.mark.parametrize("targets", [ATTN_FFN, ("token_embedding", "qkv_projection"), ("lm_head",)],
+                         ids=["attn-ffn", "embedding", "lm-head"])
+def test_dora_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_path, targets):
+    lora = LoRAConfig(targets=targets, r=4, alpha=8.0, dora=True)
+    fresh = load_pretrained(four_blocks, lora=lora)
+    with torch.no_grad():  # a fresh DoRA layer equals the frozen one (B = 0, magnitude = ||W||)
+        torch.testing.assert_close(fresh(ids()), load_pretrained(four_blocks, targets=())(ids()), rtol=0, atol=1e-5)
+    ours = ours_with(four_blocks, lora, seed=13)
+    with torch.no_grad():  # magnitudes near ||W||, as training would leave them
+        for name, p in lora_parameters(ours).items():
+            if name.endswith("magnitude"):
+                layer = ours.get_submodule(name.rsplit(".", 1)[0])
+                p.copy_(layer.norm() * (1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))))
+    theirs = as_peft(ours, four_blocks, tmp_path, 4)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    with torch.no_grad():
+        before = ours(ids())
+        torch.testing.assert_close(before, theirs(ids()).logits, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    five_steps_agree(ours, theirs, torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3),
+                     torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3))
+    again, info = load_with_adapter(str(tmp_path / "peft"), model=four_blocks)
+    assert info.lora.dora
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids()), before, rtol=0, atol=1e-5)
+
+
+def test_merged_dora_is_a_plain_transformers_model_with_the_same_logits(four_blocks, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from lora_gpt2.merge import write_merged
+
+    ours = ours_with(four_blocks, LoRAConfig(targets=ATTN_FFN + ("token_embedding",), r=4, alpha=8.0, dora=True),
+                     seed=17)
+    with torch.no_grad():
+        expected = ours(ids())
+        ours.merge()
+        torch.testing.assert_close(ours(ids()), expected, rtol=0, atol=1e-4)
+        ours.unmerge()
+        torch.testing.assert_close(ours(ids()), expected, rtol=0, atol=1e-4)
+    write_merged(ours, tmp_path / "merged")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids()).logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_variants_together_equal_peft_at_gpt2_small_shape(tmp_path):
+    """DoRA + rsLoRA on the last 4 of 12 blocks (attention and MLP) plus LoRA+, at 124M parameters."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    path = save_hf_model(make_hf_model(seed=2, n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+                         tmp_path / "gpt2-small")
+    lora = LoRAConfig(targets=ATTN_FFN, r=8, alpha=16.0, dora=True, rslora=True, layers="4")
+    ours = ours_with(path, lora, seed=19)
+    theirs = as_peft(ours, path, tmp_path, 12)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["use_dora"], config["use_rslora"], config["layers_to_transform"]) == (True, True, [8, 9, 10, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()), theirs(ids()).logits, rtol=0, atol=1e-5)
+    settings = OptimSettings(lr=1e-3, lora_plus_ratio=16.0, weight_decay=0.0)
+    five_steps_agree(ours, theirs, build_optimizer(list(lora_parameters(ours).values()), settings,
+                                                   fast_parameters(ours)),
+                     create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0))

@@ -53,6 +53,9 @@ def train_cmd(
     dropout: Optional[float] = Opt(None, help=H("Dropout on the LoRA input path.", "dropout")),
     rslora: Optional[bool] = Opt(None, "--rslora/--no-rslora",
                                  help=H("Rank-stabilised LoRA: scaling = alpha / sqrt(rank).", "rslora")),
+    dora: Optional[bool] = Opt(None, "--dora/--no-dora",
+                               help=H("DoRA: a trained magnitude per output feature times the direction of "
+                                      "weight + LoRA update.", "dora")),
     layers: Optional[str] = Opt(None, help=H("Adapters in these blocks only: N (the last N), A-B, or A,B,C; "
                                              "embedding and lm_head targets are not affected.", "layers")),
     lora_plus_ratio: Optional[float] = Opt(None, help=H("LoRA+: lora_b learns at this many times --lr (16 is "

@@ -31,7 +31,7 @@ from .optim import apply_settings, build_optimizer, build_scheduler
 FIXED_ON_RESUME = (("model", "model"), ("model", "targets"), ("model", "rank"), ("model", "alpha"),
                    ("data", "data"), ("data", "block_size"), ("data", "text_column"), ("data", "prompt_column"),
                    ("data", "completion_column"), ("data", "mask_prompt"), ("optim", "optimizer"),
-                   ("model", "rslora"), ("model", "layers"), ("optim", "lora_plus_ratio"))
+                   ("model", "rslora"), ("model", "layers"), ("model", "dora"), ("optim", "lora_plus_ratio"))
 RESUME_MODES = ("no", "yes", "auto")
 
 

@@ -1,0 +1,122 @@
+"""DoRA (Liu et al. 2024): weight-decomposed LoRA, as PEFT's `use_dora` computes it.
+
+The adapted weight is a trainable magnitude times the direction of the frozen weight plus the
+LoRA update: W' = m * (W + s·BA) / ||W + s·BA||, the norm taken per output feature (per
+embedding dimension for an embedding). As in the paper's §4.3 and PEFT, the norm is a constant
+in backward. `magnitude` starts at ||W|| (B is zero), so a fresh layer equals the frozen one.
+Each class is the plain LoRA layer plus that one idea; everything else (saving, counting,
+LoRA+, PEFT names) asks the `AdapterLayer` interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import Embedding, Linear, LowRankTerms
+
+
+class DoRALinear(Linear):
+    """forward(x) = bias + m/||W + s·BA|| * (x W^T + s · x A^T B^T); with dropout on the LoRA input,
+    the direction's base part is recomputed on the dropped input, as PEFT does."""
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        if getattr(self, "magnitude", None) is None:  # Linear.__init__ calls this before it exists
+            self.magnitude = nn.Parameter(torch.empty(self.out_features, device=self.lora_a.device))
+        if self.magnitude.is_meta or self.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.magnitude.copy_(self.norm())
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {**super().adapter_params(), "magnitude": self.magnitude}
+
+    def fast_params(self) -> tuple[str, ...]:
+        return ("lora_b", "magnitude")  # PEFT's LoRA+ helper: B and every 1-D tensor
+
+    @torch.no_grad()
+    def norm(self) -> torch.Tensor:
+        """||W + s·BA|| per output feature (out,), in float32, without a gradient."""
+        return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=1)
+
+    def low_rank_terms(self) -> LowRankTerms | None:
+        if self.merged or not self.active:
+            return LowRankTerms(self.weight)
+        return None  # the magnitude scales every output: the fused loss calls forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.active:
+            return F.linear(x, self.weight, self.bias)
+        scale = (self.magnitude / self.norm()).to(x.dtype)  # (out,)
+        base = F.linear(x, self.weight)  # (.., out), no bias
+        dropped = self.dropout(x)
+        update = F.linear(F.linear(dropped, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scaling
+        if dropped is x:
+            out = scale * (base + update)
+        else:  # PEFT: base + (scale - 1) * linear(dropout(x), W) + scale * update
+            out = base + (scale - 1) * F.linear(dropped, self.weight) + scale * update
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        direction = self.weight.float() + self.delta_weight()
+        self._factor = self.magnitude / torch.linalg.norm(direction, dim=1)  # kept for unmerge
+        self.weight.copy_((direction * self._factor.unsqueeze(1)).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        direction = self.weight.float() / self._factor.unsqueeze(1)
+        self.weight.copy_((direction - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+
+class DoRAEmbedding(Embedding):
+    """forward(x) = m/||W + s·(BA)^T|| * (W[x] + s · A^T[x] B^T), the norm per embedding dimension."""
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        if getattr(self, "magnitude", None) is None:
+            self.magnitude = nn.Parameter(torch.empty(self.embedding_dim, device=self.lora_a.device))
+        if self.magnitude.is_meta or self.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.magnitude.copy_(self.norm())
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {**super().adapter_params(), "magnitude": self.magnitude}
+
+    @torch.no_grad()
+    def norm(self) -> torch.Tensor:
+        """||W + s·(BA)^T|| per embedding dimension (dim,), over the vocabulary, float32."""
+        return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(x, self.weight)
+        if self.merged or not self.active:
+            return out
+        rows = F.embedding(x, self.lora_a.T) @ self.lora_b.T  # (.., dim)
+        scale = self.magnitude / self.norm()  # (dim,)
+        return (scale * (out.float() + rows * self.scaling)).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        direction = self.weight.float() + self.delta_weight()
+        self._factor = self.magnitude / torch.linalg.norm(direction, dim=0)
+        self.weight.copy_((direction * self._factor).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() / self._factor - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
