@@ -17,14 +17,18 @@ from torch import nn
 from .lora import Embedding, Linear, LowRankTerms
 
 
-class DoRALinear(Linear):
-    """forward(x) = bias + m/||W + s·BA|| * (x W^T + s · x A^T B^T); with dropout on the LoRA input,
-    the direction's base part is recomputed on the dropped input, as PEFT does."""
+class _Magnitude:
+    """What both DoRA layers share: the magnitude tensor, its start at the weight's norm, and an
+    exact merge. `NORM_DIM` is the weight's axis the norm runs over (the other one is the
+    magnitude's): inputs for a linear (out, in) weight, the vocabulary for an (num, dim) table."""
+
+    NORM_DIM: int
 
     def reset_adapter_parameters(self) -> None:
         super().reset_adapter_parameters()
-        if getattr(self, "magnitude", None) is None:  # Linear.__init__ calls this before it exists
-            self.magnitude = nn.Parameter(torch.empty(self.out_features, device=self.lora_a.device))
+        if getattr(self, "magnitude", None) is None:  # the base __init__ calls this before it exists
+            size = self.weight.shape[1 - self.NORM_DIM]
+            self.magnitude = nn.Parameter(torch.empty(size, device=self.lora_a.device))
         if self.magnitude.is_meta or self.weight.is_meta:
             return
         with torch.no_grad():
@@ -33,13 +37,41 @@ class DoRALinear(Linear):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(), "magnitude": self.magnitude}
 
-    def fast_params(self) -> tuple[str, ...]:
-        return ("lora_b", "magnitude")  # PEFT's LoRA+ helper: B and every 1-D tensor
-
     @torch.no_grad()
     def norm(self) -> torch.Tensor:
-        """||W + s·BA|| per output feature (out,), in float32, without a gradient."""
-        return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=1)
+        """||W + delta|| along NORM_DIM, in float32, without a gradient."""
+        return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=self.NORM_DIM)
+
+    def _scale_shape(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(self.NORM_DIM)  # broadcast over the normed axis of the weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        direction = self.weight.float() + self.delta_weight()
+        # kept for unmerge
+        self._factor = self.magnitude / torch.linalg.norm(direction, dim=self.NORM_DIM)
+        self.weight.copy_((direction * self._scale_shape(self._factor)).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        direction = self.weight.float() / self._scale_shape(self._factor)
+        self.weight.copy_((direction - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+
+class DoRALinear(_Magnitude, Linear):
+    """forward(x) = bias + m/||W + s·BA|| * (x W^T + s · x A^T B^T); with dropout on the LoRA input,
+    the direction's base part is recomputed on the dropped input, as PEFT does."""
+
+    NORM_DIM = 1  # per output feature
+
+    def fast_params(self) -> tuple[str, ...]:
+        return ("lora_b", "magnitude")  # PEFT's LoRA+ helper: B and every 1-D tensor
 
     def low_rank_terms(self) -> LowRankTerms | None:
         if self.merged or not self.active:
@@ -59,43 +91,11 @@ class DoRALinear(Linear):
             out = base + (scale - 1) * F.linear(dropped, self.weight) + scale * update
         return out if self.bias is None else out + self.bias
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        direction = self.weight.float() + self.delta_weight()
-        self._factor = self.magnitude / torch.linalg.norm(direction, dim=1)  # kept for unmerge
-        self.weight.copy_((direction * self._factor.unsqueeze(1)).to(self.weight.dtype))
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        direction = self.weight.float() / self._factor.unsqueeze(1)
-        self.weight.copy_((direction - self.delta_weight()).to(self.weight.dtype))
-        self.merged = False
-
-
-class DoRAEmbedding(Embedding):
+class DoRAEmbedding(_Magnitude, Embedding):
     """forward(x) = m/||W + s·(BA)^T|| * (W[x] + s · A^T[x] B^T), the norm per embedding dimension."""
 
-    def reset_adapter_parameters(self) -> None:
-        super().reset_adapter_parameters()
-        if getattr(self, "magnitude", None) is None:
-            self.magnitude = nn.Parameter(torch.empty(self.embedding_dim, device=self.lora_a.device))
-        if self.magnitude.is_meta or self.weight.is_meta:
-            return
-        with torch.no_grad():
-            self.magnitude.copy_(self.norm())
-
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {**super().adapter_params(), "magnitude": self.magnitude}
-
-    @torch.no_grad()
-    def norm(self) -> torch.Tensor:
-        """||W + s·(BA)^T|| per embedding dimension (dim,), over the vocabulary, float32."""
-        return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=0)
+    NORM_DIM = 0  # over the vocabulary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.embedding(x, self.weight)
@@ -104,19 +104,3 @@ class DoRAEmbedding(Embedding):
         rows = F.embedding(x, self.lora_a.T) @ self.lora_b.T  # (.., dim)
         scale = self.magnitude / self.norm()  # (dim,)
         return (scale * (out.float() + rows * self.scaling)).to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        direction = self.weight.float() + self.delta_weight()
-        self._factor = self.magnitude / torch.linalg.norm(direction, dim=0)
-        self.weight.copy_((direction * self._factor).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weight.copy_((self.weight.float() / self._factor - self.delta_weight()).to(self.weight.dtype))
-        self.merged = False

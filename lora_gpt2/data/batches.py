@@ -16,6 +16,7 @@ without talking to the others: the loss of a step is its sum over that count.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,15 @@ def example_rows(tokens: np.ndarray, index: np.ndarray, window: int, mask_prompt
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+@functools.lru_cache(maxsize=2)  # a step draws from one epoch (two at a boundary), 2 x accum times
+def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The seeded order of `count` examples in `epoch` (read-only: it is shared)."""
+    state = np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1, np.uint64)[0]
+    order = np.random.default_rng(int(state)).permutation(count)
+    order.flags.writeable = False
+    return order
+
+
 @dataclass(frozen=True)
 class ExampleBatches:
     """Whole examples drawn epoch by epoch (a seeded permutation per epoch), so each example is
@@ -170,8 +180,7 @@ class ExampleBatches:
         return self.block_size + 1
 
     def _order(self, epoch: int) -> np.ndarray:
-        state = np.random.SeedSequence([self.seed, epoch, 0x5EED]).generate_state(1, np.uint64)[0]
-        return np.random.default_rng(int(state)).permutation(len(self.index))
+        return _epoch_order(self.seed, epoch, len(self.index))
 
     def _ids(self, step: int, micro: int) -> np.ndarray:
         """Example ids of the global micro-batch (all ranks)."""

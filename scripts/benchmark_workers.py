@@ -1,0 +1,263 @@
+"""The measurements of scripts/benchmark.py, one per subprocess (`benchmark.py --worker NAME`).
+
+Each worker builds what it measures, times it and returns a dict of figures; benchmark.py
+plans the runs, compares the systems and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_memory_mb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _batches(args):
+    import numpy as np
+
+    from lora_gpt2.data import TrainBatches, open_tokens
+    from lora_gpt2.data import ensure_prepared
+
+    prepared = ensure_prepared(args.data)
+    return TrainBatches(open_tokens(prepared.train), args.batch_size, args.block_size, seed=0), \
+        np.asarray(open_tokens(prepared.val)[:16], dtype=np.int64)
+
+
+def worker_train(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    batches, _ = _batches(args)
+    bf16 = args.dtype == "bfloat16"
+    if args.system == "lora-gpt2":
+        from lora_gpt2 import distributed, train_config as tc
+        from lora_gpt2.training import Trainer, factory
+
+        cfg = tc.resolve(tc.flag_values(dict(
+            model=args.checkpoint, data=args.data, out=tempfile.mkdtemp(), targets=("qkv_projection",),
+            rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
+            batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
+            compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0,
+            layers=args.layers, dora=args.variant == "dora")))
+        # the same batches, learning rate and optimiser as the PEFT side below
+        trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
+
+        def step(i: int) -> float:
+            trainer.run_.step = i
+            return trainer.train_step()[0]
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(args.checkpoint).to(args.device)
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
+                                                 fan_in_fan_out=True, lora_dropout=0.0,
+                                                 use_dora=args.variant == "dora"))
+        model.eval()  # no dropout in either system; gradients flow all the same
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(i: int) -> float:
+            batch = batches.get(i).to(args.device)
+            x, y = batch.x, batch.y
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+    for i in range(args.warmup):
+        step(i)
+    _sync(args.device)
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss = step(i)
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    tokens = args.steps * args.batch_size * args.block_size
+    return {"tokens_per_s": tokens / seconds, "peak_mb": _peak_memory_mb(args.device), "last_loss": loss}
+
+
+def _speeches(args) -> Path:
+    """Tiny Shakespeare as prompt/completion JSONL (scripts/shakespeare_to_jsonl.py), once."""
+    from lora_gpt2.data import resolve
+
+    out = Path(tempfile.gettempdir()) / "lora-gpt2-bench-speeches"
+    if not (out / "train.jsonl").is_file():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import shakespeare_to_jsonl
+
+        shakespeare_to_jsonl.main([str(resolve(args.data).all_files()[0]), str(out)])
+    return out
+
+
+def worker_examples(args) -> dict:
+    """Counted tokens/s of lora-gpt2 on prompt/completion data: padded rows or packed rows."""
+    import torch
+
+    from lora_gpt2 import distributed, train_config as tc
+    from lora_gpt2.training import Trainer, factory
+
+    torch.manual_seed(0)
+    cfg = tc.resolve(tc.flag_values(dict(
+        model=args.checkpoint, data=str(_speeches(args)), out=tempfile.mkdtemp(), targets=("qkv_projection",),
+        rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
+        batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
+        grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0, packing=args.system == "packed")))
+    trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
+    counted = processed = 0
+    for i in range(args.warmup):
+        trainer.run_.step = i
+        trainer.train_step()
+    _sync(args.device)
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        trainer.run_.step = i
+        processed += trainer.run_.batches.get(i).x.numel()
+        counted += trainer.train_step()[1]
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    return {"counted_tokens_per_s": counted / seconds, "counted_share": counted / processed,
+            "peak_mb": _peak_memory_mb(args.device)}
+
+
+def worker_prepare(args) -> dict:
+    """Preparation tokens/s: lora-gpt2's batched, threaded JSONL preparation, and tiktoken encoding
+    the same text whole on one thread (what a naive script does)."""
+    import shutil
+
+    from lora_gpt2 import tokenizer
+    from lora_gpt2.data import ensure_prepared
+
+    source = _speeches(args)
+    work = Path(tempfile.mkdtemp())
+    shutil.copy(source / "train.jsonl", work / "train.jsonl")
+    shutil.copy(source / "valid.jsonl", work / "valid.jsonl")
+    text = "".join(json.loads(line)["prompt"] + json.loads(line)["completion"]
+                   for line in (work / "train.jsonl").read_text().splitlines())
+    tokenizer.get_encoding()  # loading the BPE tables is not encoding
+    start = time.perf_counter()
+    prepared = ensure_prepared(work)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    whole = len(tokenizer.get_encoding().encode_ordinary(text))
+    single = time.perf_counter() - start
+    tokens = prepared.info["train_tokens"] + prepared.info["val_tokens"]
+    return {"ours_tokens_per_s": tokens / ours, "single_thread_tokens_per_s": whole / single,
+            "examples": prepared.examples("train") + prepared.examples("val"), "threads": os.cpu_count()}
+
+
+def worker_generate(args) -> dict:
+    import torch
+
+    _, prompt = _batches(args)
+    prompt = prompt.tolist()
+    n = args.new_tokens
+    if args.system == "lora-gpt2":
+        from lora_gpt2 import load_pretrained
+        from lora_gpt2.generate import SamplingConfig, generate
+
+        model = load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
+                                device=args.device, dtype=_dtype(args.dtype)).eval()
+
+        def run(k: int) -> int:
+            return sum(1 for _ in generate(model, prompt, SamplingConfig(max_new_tokens=k, temperature=0)))
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
+                                                 fan_in_fan_out=True)).eval()
+        ids = torch.tensor([prompt], device=args.device)
+
+        def run(k: int) -> int:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                     min_new_tokens=k, do_sample=False, pad_token_id=0)
+            return out.size(1) - ids.size(1)
+
+    run(8)  # warm-up
+    _sync(args.device)
+    start = time.perf_counter()
+    made = run(n)
+    _sync(args.device)
+    return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made}
+
+
+def worker_startup(args) -> dict:
+    """Imports + load + one forward; `spawned_at` is the parent's clock when it started us."""
+    import torch  # noqa: F401  (counted: both systems need it)
+
+    if args.system == "lora-gpt2":
+        from lora_gpt2 import load_pretrained
+
+        model = load_pretrained(args.checkpoint, targets=())
+        ids = torch.tensor([[464, 3290, 373]])
+        with torch.inference_mode():
+            model(ids)
+    else:
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(args.checkpoint)
+        ids = torch.tensor([[464, 3290, 373]])
+        with torch.inference_mode():
+            model(ids).logits
+    ready = time.time()
+    rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+    return {"seconds": ready - args.spawned_at, "rss_mb": rss}
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def worker_machine(args) -> dict:
+    """Dense matmul FLOP/s (fp32, bf16) and memory bandwidth (a large copy)."""
+    import torch
+
+    from lora_gpt2.flops import measure_matmul_flops
+
+    device = torch.device(args.device)
+    out = {f"matmul_{dt}_tflops": measure_matmul_flops(device, _dtype(dt), repeats=5) / 1e12
+           for dt in ("float32", "bfloat16")}
+    x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=args.device).fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        _sync(args.device)
+        start = time.perf_counter()
+        y.copy_(x)
+        _sync(args.device)
+        best = min(best, time.perf_counter() - start)
+    out["bandwidth_gbs"] = 2 * x.numel() * 4 / best / 1e9  # read + write
+    return out
+
+
+WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker_startup,
+           "machine": worker_machine, "examples": worker_examples, "prepare": worker_prepare}
