@@ -73,6 +73,9 @@ class DoRALinear(_Magnitude, Linear):
     def fast_params(self) -> tuple[str, ...]:
         return ("lora_b", "magnitude")  # PEFT's LoRA+ helper: B and every 1-D tensor
 
+    def pack(self) -> bool:
+        return False  # its forward reads the weight itself (the norm of W + s·BA): no packed copy
+
     def low_rank_terms(self) -> LowRankTerms | None:
         if self.merged or not self.active:
             return LowRankTerms(self.weight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,29 +37,67 @@ class SamplingConfig:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p!r}")
 
 
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
-    """Pick the next token (B,) from the last position's logits (B, V)."""
+def _checked(logits: torch.Tensor) -> None:
     if not torch.isfinite(logits).all():
         raise ValueError("the model produced logits that are not finite (NaN or inf); "
                          "the adapter's tensors are damaged or diverged")
+
+
+def _top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits sorted in descending order, with the tail beyond the top_p mass set to -inf: a
+    token goes once the mass before it already reaches top_p; the best always stays."""
+    if top_p >= 1.0:
+        return sorted_logits
+    probs = sorted_logits.softmax(dim=-1)
+    return sorted_logits.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, float("-inf"))
+
+
+def _candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(probabilities (B, K), their token ids (B, K) or None for the whole vocabulary) after
+    temperature, top-k and top-p; None when the choice is greedy.
+
+    With top-k the distribution is built over the k best tokens only, never the whole
+    vocabulary: no softmax, sort or draw over 50,257 entries per token.
+    """
     if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
+        return None
     scaled = logits.float() / cfg.temperature
     if not torch.isfinite(scaled).all():  # a temperature so small it overflows: its limit is greedy
-        return logits.argmax(dim=-1)
-    logits = scaled
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        return None
+    if cfg.top_k is not None and cfg.top_k < scaled.size(-1):
+        values, ids = torch.topk(scaled, cfg.top_k, dim=-1)  # (B, k), sorted
+        return _top_p(values, cfg.top_p).softmax(dim=-1), ids
     if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the mass before it already reaches top_p; the best always stays
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        values, ids = torch.sort(scaled, descending=True, dim=-1)
+        return _top_p(values, cfg.top_p).softmax(dim=-1), ids
+    return scaled.softmax(dim=-1), None
+
+
+def _chosen(picks: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Token ids (B,) from the picked columns (B, 1)."""
+    return (picks if ids is None else ids.gather(-1, picks)).squeeze(-1)
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
+    """Pick the next token (B,) from the last position's logits (B, V), all rows with one generator."""
+    _checked(logits)
+    candidates = _candidates(logits, cfg)
+    if candidates is None:
+        return logits.argmax(dim=-1)
+    probs, ids = candidates
+    return _chosen(torch.multinomial(probs, 1, generator=generator), ids)
+
+
+def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Generator | None]):
+    """Row i's next token from its own generator: what a sample draws does not depend on which
+    other samples share its batch."""
+    _checked(logits)
+    candidates = _candidates(logits, cfg)
+    if candidates is None:
+        return logits.argmax(dim=-1)
+    probs, ids = candidates
+    picks = torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)])
+    return _chosen(picks, ids)
 
 
 def window_length(context: int) -> int:
@@ -74,10 +113,27 @@ def generate(
     *,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time, up to `max_new_tokens`, ending before `stop_token`.
+    """Yield new token ids one at a time, up to `max_new_tokens`, ending before `stop_token`."""
+    for _, token in generate_samples(model, prompt, cfg, [generator]):
+        if token is None:
+            return
+        yield token
 
-    When the sequence fills the model's context, the cache is rebuilt from the most recent
-    `window_length` tokens (positions are absolute, so cached keys cannot simply shift).
+
+@torch.inference_mode()
+def generate_samples(
+    model: GPT2,
+    prompt: list[int],
+    cfg: SamplingConfig,
+    generators: list[torch.Generator | None],
+) -> Iterator[tuple[int, int | None]]:
+    """Continue one prompt len(generators) times, decoding the samples as one batch with one KV
+    cache. Yields (sample, token id) step by step, and (sample, None) once when a sample ends
+    (at `max_new_tokens`, or before `stop_token`); an ended sample leaves the batch.
+
+    The prompt is computed once and its cache copied to every row. When the sequence fills the
+    model's context, the cache is rebuilt from the most recent `window_length` tokens
+    (positions are absolute, so cached keys cannot simply shift).
     """
     context = model.config.n_positions
     if not prompt:
@@ -86,22 +142,41 @@ def generate(
     history = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     if history.size(1) > context:
         history = history[:, -window_length(context) :]
-    cache = KVCache.empty(model.config, 1, model.frozen_dtype(), device)
+    n = len(generators)
+    # room for what this request can reach, not the whole context: n rows of GPT-2 small's
+    # full context would be 75 MB each in float32
+    cache = KVCache.empty(model.config, 1, model.frozen_dtype(), device, history.size(1) + cfg.max_new_tokens)
     logits = model(history, cache)[:, -1]  # (1, V)
+    live = list(range(n))  # sample index of each row
+    if n > 1:
+        cache.repeat_rows(n)
+        logits, history = logits.expand(n, -1), history.expand(n, -1)
     for step in range(cfg.max_new_tokens):
-        token = next_token(logits, cfg, generator)  # (1,)
-        if cfg.stop_token is not None and int(token) == cfg.stop_token:
-            return
-        yield int(token)
-        if step == cfg.max_new_tokens - 1:
+        tokens = next_tokens(logits, cfg, [generators[i] for i in live])  # (B,)
+        values = tokens.tolist()
+        ended = [row for row, token in enumerate(values) if token == cfg.stop_token]
+        for row, token in enumerate(values):
+            yield live[row], None if row in ended else token
+        last = step == cfg.max_new_tokens - 1
+        if last or len(ended) == len(live):
+            if last:
+                for row in range(len(live)):
+                    if row not in ended:
+                        yield live[row], None
             return  # no forward pass for a token nobody will read
-        history = torch.cat([history, token[:, None]], dim=1)
+        if ended:
+            keep = [row for row in range(len(live)) if row not in ended]
+            rows = torch.tensor(keep, device=device)
+            cache.keep_rows(rows)
+            tokens, history = tokens.index_select(0, rows), history.index_select(0, rows)
+            live = [live[row] for row in keep]
+        history = torch.cat([history, tokens[:, None]], dim=1)
         if cache.length == context:
             history = history[:, -window_length(context) :]
             cache.length = 0
             logits = model(history, cache)[:, -1]
         else:
-            logits = model(token[:, None], cache)[:, -1]
+            logits = model(tokens[:, None], cache)[:, -1]
 
 
 class TextStream:
@@ -131,12 +206,37 @@ class TextStream:
         self.finish_reason = "length" if len(self.tokens) == self._max else "stop"
 
 
+class _Fanout:
+    """Routes a batch's (sample, token) pairs to per-sample queues, pulling more on demand."""
+
+    def __init__(self, source: Iterator[tuple[int, int | None]], n: int) -> None:
+        self.source = source
+        self.queues: list[deque[int]] = [deque() for _ in range(n)]
+        self.ended = [False] * n
+
+    def tokens(self, i: int) -> Iterator[int]:
+        while True:
+            while self.queues[i]:
+                yield self.queues[i].popleft()
+            if self.ended[i]:
+                return
+            sample, token = next(self.source)  # every sample ends before the source does
+            if token is None:
+                self.ended[sample] = True
+            else:
+                self.queues[sample].append(token)
+
+
 class GenerationSession:
     """A loaded model that completes text prompts: load once, then stream as many completions as asked."""
 
-    def __init__(self, model: GPT2) -> None:
+    def __init__(self, model: GPT2, pack: bool = True) -> None:
+        """`pack`: give the model's frozen weights their decode-time layout (packed.py), which
+        makes decoding a few rows 2-4x faster on CPUs at the cost of a copy of the weights."""
         self.model = model
         self.device = model.token_embedding.weight.device
+        if pack:
+            model.pack_for_decoding()
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's tokens; an empty prompt starts a new document (<|endoftext|>)."""
@@ -151,11 +251,36 @@ class GenerationSession:
                generator: torch.Generator | None = None) -> TextStream:
         """Text pieces continuing `prompt` (text or token ids), sampled as `cfg` says."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, cfg)
+        return TextStream(generate(self.model, ids, cfg, generator=generator), cfg.max_new_tokens)
+
+    def _check_prompt(self, ids: list[int], cfg: SamplingConfig) -> None:
         context = self.model.config.n_positions
         if cfg.max_new_tokens == 0 and len(ids) > context:
             raise ValueError(f"prompt has {len(ids)} tokens, longer than the model's context of "
                              f"{context}, and --max-new-tokens is 0")
-        return TextStream(generate(self.model, ids, cfg, generator=generator), cfg.max_new_tokens)
+
+    def stream_samples(self, prompt: str | list[int], cfg: SamplingConfig, seeds: list[int],
+                       batch_size: int = 8) -> list[TextStream]:
+        """One stream per seed, continuing the same prompt; up to `batch_size` samples are decoded
+        together in one batch. Sample i draws from its own generator seeded with seeds[i], so its
+        text does not depend on the batching. Read the streams in any order: reading one
+        advances its batch, and its batch-mates' tokens wait in their streams."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, cfg)
+        generators = [self.generator(seed) for seed in seeds]
+        batches: dict[int, _Fanout] = {}
+
+        def tokens(i: int) -> Iterator[int]:
+            first = i - i % batch_size
+            if first not in batches:  # a batch starts when one of its streams is first read
+                group = generators[first : first + batch_size]
+                batches[first] = _Fanout(generate_samples(self.model, ids, cfg, group), len(group))
+            yield from batches[first].tokens(i - first)
+
+        return [TextStream(tokens(i), cfg.max_new_tokens) for i in range(len(seeds))]
 
     def complete(self, prompt: str | list[int], cfg: SamplingConfig,
                  generator: torch.Generator | None = None) -> tuple[str, TextStream]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import packed as packing
 from .config import LoRAConfig
 
 
@@ -92,6 +93,7 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight += self.delta_weight().to(self.weight.dtype)
         self.merged = True
+        self.packed = None  # a packed copy is of the old weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -99,6 +101,7 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight -= self.delta_weight().to(self.weight.dtype)
         self.merged = False
+        self.packed = None
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a": self.lora_a, "lora_b": self.lora_b}
@@ -123,8 +126,21 @@ class FrozenLinear(nn.Module):
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    packed: torch.Tensor | None = None  # the weight in oneDNN's layout, while a generation session decodes
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        """linear(x, weight, bias): from the packed copy when decoding, else F.linear."""
+        if packing.usable(self.packed, x):
+            return packing.linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> bool:
+        """Keep a packed copy of the weight for decoding (see packed.py); False where none can be made."""
+        self.packed = packing.pack(self.weight)
+        return self.packed is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen_product(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -179,7 +195,7 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         return (self.lora_b @ self.lora_a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.frozen_product(x)
         if self.merged or not self.active:
             return out
         # Low-rank side first: (.., in) -> (.., r) -> (.., out). The fp32 LoRA parameters

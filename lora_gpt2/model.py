@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import dora, lora
 from .config import ACTIVATIONS, LoRAConfig, ModelConfig
@@ -73,13 +74,26 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (batch, config.n_head, config.n_positions, config.head_size)
+    def empty(cls, config: ModelConfig, batch: int, dtype: torch.dtype, device,
+              positions: int | None = None) -> "KVCache":
+        """Room for `positions` (at most, and by default, the model's context) in each of `batch` rows."""
+        positions = config.n_positions if positions is None else min(positions, config.n_positions)
+        shape = (batch, config.n_head, positions, config.head_size)
         make = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
         return cls([make() for _ in range(config.n_layer)], [make() for _ in range(config.n_layer)])
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.keys[i], self.values[i], self.length)
+
+    def repeat_rows(self, n: int) -> None:
+        """One row becomes n identical rows (a shared prompt's cache, before n samples diverge)."""
+        self.keys = [k.expand(n, -1, -1, -1).clone() for k in self.keys]
+        self.values = [v.expand(n, -1, -1, -1).clone() for v in self.values]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only these rows go on (the others' samples have ended)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
 
 
 def _packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +187,7 @@ class GPT2(nn.Module):
         self.lm_head = _linear("lm_head", config.n_embd, config.vocab_size, False, lora_cfg)
         self.base: BaseModel | None = None  # set by weights.load_pretrained
         self._untied_by_merge = False
+        self.grad_checkpoint = False  # training: keep only block inputs, recompute the rest in backward
         self.tie_weights()
         lora.mark_only_lora_trainable(self)
 
@@ -212,8 +227,12 @@ class GPT2(nn.Module):
             x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
             for i, block in enumerate(self.blocks[:first]):
                 x = block(x, None if cache is None else cache.layer(i), mask)
+        recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks[first:], start=first):
-            x = block(x, None if cache is None else cache.layer(i), mask)
+            if recompute:  # the RNG state is replayed, so dropout draws the same masks again
+                x = checkpoint(block, x, None, mask, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, None if cache is None else cache.layer(i), mask)
         if cache is not None:
             cache.length = start + T
         return self.final_norm(x)
@@ -267,6 +286,16 @@ class GPT2(nn.Module):
             self._untied_by_merge = True
         for layer in self.lora_layers().values():
             layer.merge()
+
+    def pack_for_decoding(self) -> int:
+        """Give every frozen linear weight a packed copy for decoding a few rows at a time (see
+        packed.py): used without gradients only, dropped by merge. Returns how many were packed."""
+        return sum(m.pack() for m in self.modules() if isinstance(m, lora.FrozenLinear))
+
+    def unpack(self) -> None:
+        for m in self.modules():
+            if isinstance(m, lora.FrozenLinear):
+                m.packed = None
 
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():

@@ -19,6 +19,7 @@ from .config import DEVICES, DTYPES, LoRAConfig, resolve_targets
 from .data.formats import Options
 
 OPTIMIZERS = ("adamw", "adam")
+LOGGERS = ("tensorboard", "wandb")  # besides metrics.jsonl and loss.png, which every run writes
 MAX_MICRO_BATCH_TOKENS = 2**24  # far beyond any accelerator's memory for GPT-2
 
 
@@ -142,6 +143,8 @@ class RunSettings:
     device: str = "auto"
     seed: int = 1337
     compile: bool = False
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (keeps block inputs only)
+    log: tuple[str, ...] = ()  # extra loggers: tensorboard, wandb
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -153,6 +156,9 @@ class RunSettings:
         _choice("device", self.device, DEVICES)
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        for name in self.log:
+            _choice("log", name, LOGGERS)
+        object.__setattr__(self, "log", tuple(dict.fromkeys(self.log)))  # --log wandb --log wandb: once
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "optim": OptimSettings, "run": RunSettings}

@@ -39,15 +39,24 @@ ROOT = Path(__file__).resolve().parents[1]
 from benchmark_workers import WORKERS  # noqa: E402  (the script's folder is on sys.path)
 
 # ---------------------------------------------------------------- the parent: plan, run, report
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
+
+
 def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None,
-          variant: str = "lora") -> dict:
+          variant: str = "lora", grad_ckpt: bool = False, samples: int = 1, env: dict | None = None,
+          **shape) -> dict:
+    """One measurement in a fresh process; `shape` overrides batch_size, block_size, steps, warmup
+    or memory_cap_mb for it."""
+    s = {k: shape.get(k, getattr(args, k)) for k in ("batch_size", "block_size", "steps", "warmup", "memory_cap_mb")}
     cmd = [sys.executable, __file__, "--worker", task, "--system", system, "--dtype", dtype,
            "--checkpoint", str(args.checkpoint), "--data", args.data, "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--block-size", str(args.block_size), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
-           "--spawned-at", repr(time.time())] + (["--compile"] if args.compile else []) + \
-        (["--layers", layers] if layers else []) + ["--variant", variant]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+           "--steps", str(s["steps"]), "--warmup", str(s["warmup"]), "--batch-size", str(s["batch_size"]),
+           "--block-size", str(s["block_size"]), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
+           "--spawned-at", repr(time.time()), "--samples", str(samples),
+           "--memory-cap-mb", str(s["memory_cap_mb"] or 0)] + (["--compile"] if args.compile else []) + \
+        (["--layers", layers] if layers else []) + ["--variant", variant] + (["--grad-ckpt"] if grad_ckpt else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark worker {task}/{system}/{dtype} failed:\n{proc.stderr[-3000:]}")
@@ -77,13 +86,13 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
-SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora")
+SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples")
 
 
 def run(args) -> dict:
     results: dict = {"config": {k: getattr(args, k) for k in
                                 ("size", "device", "batch_size", "block_size", "rank", "steps", "warmup",
-                                 "new_tokens", "repeats", "compile", "only")}}
+                                 "new_tokens", "repeats", "compile", "only", "cap_mb")}}
     only = set(args.only.split(","))
     results["machine"] = spawn(args, "machine")
     if "train" in only:
@@ -119,6 +128,30 @@ def run(args) -> dict:
         last = max(1, SIZES[args.size][0] // 3)  # the last third of the blocks: 4 of GPT-2 small's 12
         results["layers_last"] = {**spawn(args, "train", "lora-gpt2", layers=str(last)), "blocks": last}
         print(f"  layers: all {results['layers_all']} last {last} {results['layers_last']}", file=sys.stderr)
+    if "checkpointing" in only:  # --grad-checkpoint against transformers' gradient checkpointing
+        # bfloat16 where the machine has it natively (emulated bf16 is what `--dtype auto` avoids)
+        dtypes = ("float32", "bfloat16") if results["machine"]["native_bf16"] else ("float32",)
+        for dtype in dtypes:
+            for ckpt in (False, True):
+                for system in ("lora-gpt2", "peft"):
+                    key = f"ckpt_{dtype}_{'on' if ckpt else 'off'}_{system}"
+                    results[key] = got = spawn(args, "train", system, dtype, grad_ckpt=ckpt)
+                    print(f"  {key}: {got}", file=sys.stderr)
+        # PEFT under the allocator setting lora-gpt2's training makes for itself
+        results["ckpt_float32_on_peft-fixed-malloc"] = got = spawn(args, "train", "peft", grad_ckpt=True,
+                                                                    env=FIXED_MALLOC)
+        print(f"  ckpt_float32_on_peft with MALLOC_MMAP_THRESHOLD_: {got}", file=sys.stderr)
+        # a batch of 8 x 1024 under one memory cap, both with checkpointing on and the same
+        # allocator setting: one step each
+        big = dict(batch_size=8, block_size=1024, steps=1, warmup=0, memory_cap_mb=args.cap_mb)
+        for system in ("lora-gpt2", "peft"):
+            results[f"cap_{system}"] = got = spawn(args, "train", system, grad_ckpt=True, env=FIXED_MALLOC, **big)
+            print(f"  cap {args.cap_mb} MB {system}: {got}", file=sys.stderr)
+    if "samples" in only:  # N completions of one prompt, decoded together
+        for system in ("lora-gpt2", "peft"):
+            for n in (1, 4):
+                results[f"samples_{n}_{system}"] = got = spawn(args, "samples", system, samples=n)
+                print(f"  samples {n} {system}: {got}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
@@ -158,7 +191,8 @@ def table(results: dict) -> str:
     lines += [
         "",
         f"machine: matmul {m['matmul_float32_tflops'] * 1000:,.0f} GFLOP/s fp32, "
-        f"{m['matmul_bfloat16_tflops'] * 1000:,.0f} GFLOP/s bf16; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s",
+        f"{m['matmul_bfloat16_tflops'] * 1000:,.0f} GFLOP/s bf16; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s; "
+        f"{m['cpu']}, native bf16: {', '.join(m['native_bf16']) or 'none'}",
     ]
     if "mfu_float32" in d:
         lines.append(f"training MFU (FLOPs/token = 4·N_matmul + 8·L·T·d = {d['flops_per_token'] / 1e6:,.0f} M): "
@@ -198,7 +232,47 @@ def table(results: dict) -> str:
                      f"{last['tokens_per_s']:,.0f} vs "
                      f"{every['tokens_per_s']:,.0f} tokens/s ({last['tokens_per_s'] / every['tokens_per_s']:.2f}×), "
                      f"peak memory {last['peak_mb']:,.0f} vs {every['peak_mb']:,.0f} MB")
+    lines += _checkpointing_lines(results) + _samples_lines(results)
     return "\n".join(lines)
+
+
+def _checkpointing_lines(results: dict) -> list[str]:
+    if "ckpt_float32_on_lora-gpt2" not in results:
+        return []
+    lines = ["", "gradient checkpointing (batch of the training rows; PEFT with transformers' own checkpointing):",
+             "| dtype | checkpointing | lora-gpt2 tokens/s | PEFT tokens/s | lora-gpt2 peak MB | PEFT peak MB | "
+             "memory ratio |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for dtype in ("float32", "bfloat16"):
+        if f"ckpt_{dtype}_on_lora-gpt2" not in results:
+            lines.append(f"| {dtype} | not measured: this machine has no native {dtype} | | | | | |")
+            continue
+        for state in ("off", "on"):
+            ours, theirs = results[f"ckpt_{dtype}_{state}_lora-gpt2"], results[f"ckpt_{dtype}_{state}_peft"]
+            lines.append(f"| {dtype} | {state} | {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} | "
+                         f"{ours['peak_mb']:,.0f} | {theirs['peak_mb']:,.0f} | "
+                         f"{ours['peak_mb'] / theirs['peak_mb']:.2f}× |")
+    fixed = results["ckpt_float32_on_peft-fixed-malloc"]["peak_mb"]
+    ours = results["ckpt_float32_on_lora-gpt2"]["peak_mb"]
+    lines.append(f"PEFT with checkpointing and lora-gpt2's allocator setting (MALLOC_MMAP_THRESHOLD_=1 MB), "
+                 f"float32: peak {fixed:,.0f} MB; lora-gpt2 {ours / fixed:.2f}× of it")
+    cap = results["config"]["cap_mb"]
+    for system in ("lora-gpt2", "peft"):
+        got = results[f"cap_{system}"]
+        what = (f"completed, {got['tokens_per_s']:,.0f} tokens/s, peak {got['peak_mb']:,.0f} MB" if got["completed"]
+                else f"failed: {got['error'][:90]}")
+        lines.append(f"batch 8 × 1024 under a {cap:,} MB cap, checkpointing on, {system}: {what}")
+    return lines
+
+
+def _samples_lines(results: dict) -> list[str]:
+    if "samples_4_lora-gpt2" not in results:
+        return []
+    lines = [""]
+    for system in ("lora-gpt2", "peft"):
+        one, four = results[f"samples_1_{system}"], results[f"samples_4_{system}"]
+        lines.append(f"sampling 4 completions of one prompt, {system}: {four['tokens_per_s']:,.1f} tokens/s in all "
+                     f"vs {one['tokens_per_s']:,.1f} for one sample ({four['tokens_per_s'] / one['tokens_per_s']:.2f}×)")
+    return lines
 
 
 def parse(argv=None):
@@ -217,7 +291,12 @@ def parse(argv=None):
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
+    p.add_argument("--cap-mb", type=int, default=2560,
+                   help="checkpointing: the memory cap (data segment, MB) of the 8 x 1024 batch")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--memory-cap-mb", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--layers", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="lora", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)

@@ -44,7 +44,29 @@ def _batches(args):
         np.asarray(open_tokens(prepared.val)[:16], dtype=np.int64)
 
 
+def _cap_memory(args) -> None:
+    """--memory-cap-mb: the process's data segment (heap, anonymous mappings) may not grow past it,
+    as under a container's or `ulimit -d` limit; an allocation beyond it fails."""
+    import resource
+
+    if args.memory_cap_mb:
+        cap = args.memory_cap_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+
 def worker_train(args) -> dict:
+    """Training tokens/s and peak memory; under --memory-cap-mb, whether a step fits at all."""
+    _cap_memory(args)
+    try:
+        return _train(args)
+    except (RuntimeError, MemoryError) as exc:  # out of memory under the cap
+        if not args.memory_cap_mb:
+            raise
+        return {"completed": False, "error": " ".join(str(exc).split())[:160],
+                "peak_mb": _peak_memory_mb(args.device)}
+
+
+def _train(args) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -60,7 +82,7 @@ def worker_train(args) -> dict:
             rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
             compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0,
-            layers=args.layers, dora=args.variant == "dora")))
+            layers=args.layers, dora=args.variant == "dora", grad_checkpoint=args.grad_ckpt)))
         # the same batches, learning rate and optimiser as the PEFT side below
         trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
 
@@ -71,11 +93,15 @@ def worker_train(args) -> dict:
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2LMHeadModel
 
-        model = GPT2LMHeadModel.from_pretrained(args.checkpoint).to(args.device)
+        # no dropout in either system (GPT-2's own dropouts off: gradient checkpointing needs train mode)
+        model = GPT2LMHeadModel.from_pretrained(args.checkpoint, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                attn_pdrop=0.0).to(args.device)
+        if args.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
                                                  fan_in_fan_out=True, lora_dropout=0.0,
                                                  use_dora=args.variant == "dora"))
-        model.eval()  # no dropout in either system; gradients flow all the same
+        model.train(args.grad_ckpt)  # transformers recomputes only in train mode; else as before, eval
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(i: int) -> float:
@@ -98,7 +124,8 @@ def worker_train(args) -> dict:
     _sync(args.device)
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch_size * args.block_size
-    return {"tokens_per_s": tokens / seconds, "peak_mb": _peak_memory_mb(args.device), "last_loss": loss}
+    return {"tokens_per_s": tokens / seconds, "peak_mb": _peak_memory_mb(args.device), "last_loss": loss,
+            "completed": True}
 
 
 def _speeches(args) -> Path:
@@ -178,13 +205,16 @@ def worker_generate(args) -> dict:
     n = args.new_tokens
     if args.system == "lora-gpt2":
         from lora_gpt2 import load_pretrained
-        from lora_gpt2.generate import SamplingConfig, generate
+        from lora_gpt2.generate import GenerationSession, SamplingConfig
 
-        model = load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                device=args.device, dtype=_dtype(args.dtype)).eval()
+        # a session, as `generate` uses: the frozen weights get their decode-time layout
+        session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
+                                                    device=args.device, dtype=_dtype(args.dtype)).eval())
 
         def run(k: int) -> int:
-            return sum(1 for _ in generate(model, prompt, SamplingConfig(max_new_tokens=k, temperature=0)))
+            stream = session.stream(prompt, SamplingConfig(max_new_tokens=k, temperature=0))
+            "".join(stream)
+            return len(stream.tokens)
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2LMHeadModel
@@ -206,6 +236,51 @@ def worker_generate(args) -> dict:
     made = run(n)
     _sync(args.device)
     return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made}
+
+
+def worker_samples(args) -> dict:
+    """Total tokens/s of N sampled completions of one prompt (temperature 1, top-k 200, as
+    `generate` samples): lora-gpt2 decodes them as one batch, transformers with
+    num_return_sequences; N = 1 is the baseline."""
+    import torch
+
+    _, prompt = _batches(args)
+    prompt, n, k = prompt.tolist(), args.samples, args.new_tokens
+    if args.system == "lora-gpt2":
+        from lora_gpt2 import load_pretrained
+        from lora_gpt2.generate import GenerationSession, SamplingConfig
+
+        session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
+                                                    device=args.device, dtype=_dtype(args.dtype)).eval())
+
+        def run(tokens: int) -> int:
+            cfg = SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_k=200)
+            streams = session.stream_samples(prompt, cfg, list(range(n)), batch_size=n)
+            for stream in streams:
+                "".join(stream)  # decoded to text, as `generate` prints it
+            return sum(len(stream.tokens) for stream in streams)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
+                                                 fan_in_fan_out=True)).eval()
+        ids = torch.tensor([prompt], device=args.device)
+
+        def run(tokens: int) -> int:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                     min_new_tokens=tokens, do_sample=True, top_k=200, temperature=1.0,
+                                     num_return_sequences=n, pad_token_id=0)
+            return (out.size(1) - ids.size(1)) * out.size(0)
+
+    run(8)  # warm-up
+    _sync(args.device)
+    start = time.perf_counter()
+    made = run(k)
+    _sync(args.device)
+    return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made, "samples": n}
 
 
 def worker_startup(args) -> dict:
@@ -244,7 +319,15 @@ def worker_machine(args) -> dict:
     from lora_gpt2.flops import measure_matmul_flops
 
     device = torch.device(args.device)
-    out = {f"matmul_{dt}_tflops": measure_matmul_flops(device, _dtype(dt), repeats=5) / 1e12
+    if args.device == "cuda":
+        native = ["CUDA"] if torch.cuda.is_bf16_supported() else []
+    else:
+        from lora_gpt2.devices import cpu_bf16_features
+
+        native = cpu_bf16_features()
+    # emulated bf16 runs at a few GFLOP/s: a smaller product measures it in seconds, not minutes
+    sizes = {"float32": None, "bfloat16": None if native else 512}
+    out = {f"matmul_{dt}_tflops": measure_matmul_flops(device, _dtype(dt), n=sizes[dt], repeats=5) / 1e12
            for dt in ("float32", "bfloat16")}
     x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=args.device).fill_(1.0)
     y = torch.empty_like(x)
@@ -256,8 +339,21 @@ def worker_machine(args) -> dict:
         _sync(args.device)
         best = min(best, time.perf_counter() - start)
     out["bandwidth_gbs"] = 2 * x.numel() * 4 / best / 1e9  # read + write
+    out["cpu"] = _cpu_model()
+    out["native_bf16"] = native
     return out
 
 
-WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker_startup,
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+WORKERS = {"train": worker_train, "generate": worker_generate, "startup": worker_startup, "samples": worker_samples,
            "machine": worker_machine, "examples": worker_examples, "prepare": worker_prepare}

@@ -69,7 +69,7 @@ def test_the_step_loss_is_over_all_counted_targets_not_a_mean_of_micro_batch_mea
         assert abs(right - wrong) > 1e-3  # unequal masks: the two definitions really differ
         from lora_gpt2.training import Trainer
 
-        loss, counted = Trainer(run).train_step()
+        loss, counted, _ = Trainer(run).train_step()
         assert counted == sum(counts)
         assert loss == pytest.approx(right, rel=1e-5)
     finally:

@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import math
 import os
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 equal to PEFT's, exported and imported, and refused by name when asked wrongly."""
 
 import json
-import math
 
 import pytest
 import torch

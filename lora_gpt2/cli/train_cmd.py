@@ -83,6 +83,12 @@ def train_cmd(
     device: Optional[str] = Opt(None, help=H("auto, cpu, cuda or mps.", "device")),
     seed: Optional[int] = Opt(None, help=H("Seed of batches and initialisation.", "seed")),
     compile: Optional[bool] = Opt(None, "--compile/--no-compile", help=H("torch.compile the model.", "compile")),
+    grad_checkpoint: Optional[bool] = Opt(None, "--grad-checkpoint/--no-grad-checkpoint",
+                                          help=H("Recompute each block's activations in backward: less memory, "
+                                                 "about a third more compute.", "grad_checkpoint")),
+    log: Optional[list[str]] = Opt(None, "--log", metavar="tensorboard|wandb",
+                                   help="Also log to TensorBoard or W&B (repeatable; needs "
+                                        "pip install 'lora-gpt2\\[tensorboard]' or '\\[wandb]')."),
     resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint; "
                                                 "'--resume auto' starts fresh when --out holds no run."),
     resume_auto: bool = Opt(False, "--resume-auto", hidden=True),  # what main() makes of '--resume auto'
@@ -93,7 +99,7 @@ def train_cmd(
 ) -> None:
     """Fine-tune GPT-2 with LoRA; saves adapter-only checkpoints in --out (best/ and last/)."""
     flags = {k: v for k, v in locals().items()
-             if k not in ("config", "resume", "resume_auto", "stop_after", "print_config", "mfu") and v is not None}
+             if k not in ("config", "resume", "resume_auto", "stop_after", "print_config", "mfu") and v not in (None, [])}
     from .. import train_config as tc
 
     mode = "auto" if resume_auto else "yes" if resume else "no"
@@ -174,7 +180,8 @@ class TrainView:
     def on_started(self, e) -> None:
         share = 100 * e.trainable / e.total
         say(f"model {e.model}: {e.total:,} parameters, {e.trainable:,} trainable (LoRA, {share:.3f}%)")
-        say(f"device {e.device} x{e.world_size}, dtype {e.dtype}, "
+        choice = f" ({e.dtype_choice})" if e.dtype_choice.startswith("auto") else ""
+        say(f"device {e.device} x{e.world_size}, dtype {e.dtype}{choice}, "
             f"{e.tokens_per_step:,} tokens per step, steps {e.step}->{e.max_steps}, out {e.out}")
         if is_terminal():
             self.bar = progress(e.max_steps, "train", unit="step", initial=e.step)
@@ -182,9 +189,11 @@ class TrainView:
     def on_stepped(self, e) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {e.loss:.4f} lr {e.lr:.2e} {e.tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {e.loss:.4f} lr {e.lr:.2e} grad {e.grad_norm:.3g} "
+                                     f"{e.tokens_per_s:,.0f} tok/s", refresh=False)
         elif e.step % self.log_interval == 0:
-            say(f"step {e.step} | loss {e.loss:.4f} | lr {e.lr:.2e} | {e.tokens_per_s:,.0f} tok/s")
+            say(f"step {e.step} | loss {e.loss:.4f} | lr {e.lr:.2e} | grad norm {e.grad_norm:.3g} | "
+                f"{e.tokens_per_s:,.0f} tok/s")
 
     def on_evaluated(self, e) -> None:
         import math

@@ -67,8 +67,9 @@ def generate_cmd(
     temperature: float = Opt(0.8, help="Sampling temperature; 0 is greedy."),
     top_k: Optional[int] = Opt(200, help="Sample among the k most likely tokens."),
     top_p: float = Opt(1.0, help="Nucleus sampling: smallest set with this much probability."),
-    num_samples: int = Opt(1, min=1, help="Number of samples."),
-    seed: int = Opt(1337, help="Same seed, same text."),
+    num_samples: int = Opt(1, min=1, help="Number of samples (sample i is drawn with seed + i)."),
+    batch_size: int = Opt(8, min=1, help="Samples decoded together in one batch (more: faster, more memory)."),
+    seed: int = Opt(1337, help="Same seed, same text, whatever --batch-size."),
     stop_at_eot: Optional[bool] = Opt(None, "--stop-at-eot/--no-stop-at-eot",
                                       help="End a sample at <|endoftext|> (default: on for an adapter trained on "
                                            "examples, JSONL or CSV, which end with it; off otherwise)."),
@@ -81,21 +82,19 @@ def generate_cmd(
     from .. import tokenizer
     from ..generate import GenerationSession, SamplingConfig
 
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if not 0 <= seed <= 2**63 - num_samples:
+        raise ValueError(f"seed must be in [0, 2**63 - num_samples], got {seed}")
     text = _read_prompt(prompt, prompt_file)
     net, info = _load(adapter, model, dtype, device, force)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_token=tokenizer.EOT_ID if stops_at_eot(stop_at_eot, info) else None)
     session = GenerationSession(net)
-    generator = session.generator(seed)
-    ids = session.encode(text)
     total_tokens, start = 0, time.perf_counter()
-    for index in range(num_samples):
-        stream = session.stream(ids, cfg, generator)
+    streams = session.stream_samples(text, cfg, [seed + i for i in range(num_samples)], batch_size)
+    for index, stream in enumerate(streams):
         if json_out:
             completion = "".join(stream)
-            print(json.dumps({"sample": index, "prompt": text, "completion": completion, "seed": seed,
+            print(json.dumps({"sample": index, "prompt": text, "completion": completion, "seed": seed + index,
                               "tokens": len(stream.tokens), "finish_reason": stream.finish_reason}))
         else:
             sys.stdout.write(text)

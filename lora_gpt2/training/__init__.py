@@ -1,6 +1,7 @@
 """Training: build a run (factory), loop over it (loop), announce events to subscribers (events).
 
-Add a logger by writing a `Subscriber` (events.py) and passing it to `train(subscribers=[...])`.
+Add a logger by writing a `Subscriber` (events.py) and passing it to `train(subscribers=[...])`;
+the `--log` loggers (TensorBoard, W&B) are subscribers too, in loggers/.
 """
 
 from .events import (Evaluated, Finished, Logged, Notice, Saved, Started, Stepped, Subscriber,

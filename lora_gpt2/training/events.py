@@ -34,6 +34,7 @@ class Started:
     tokens_per_step: int
     device: str
     dtype: str
+    dtype_choice: str  # "asked for", or "auto: <why>"
     world_size: int
     step: int
     max_steps: int
@@ -49,6 +50,7 @@ class Stepped:
     loss: float
     lr: float
     tokens_per_s: float
+    grad_norm: float  # of all adapter gradients, before clipping
 
 
 @dataclass(frozen=True)

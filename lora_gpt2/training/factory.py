@@ -14,9 +14,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import checkpoint, distributed, metrics
+from .. import allocator, checkpoint, distributed, metrics
 from ..data import Prepared, ensure_prepared, eval_batches, mask_prompt_for, train_batches
-from ..devices import resolve_dtype
+from ..devices import dtype_choice as dtype_choice_for
 from ..errors import CheckpointError
 from ..lora import fast_parameters, lora_parameters
 from ..model import GPT2
@@ -58,6 +58,7 @@ class Run:
     last_val: float | None = None
     notices: list[Notice] = field(default_factory=list)
     lock: run_dir.RunLock | None = None
+    dtype_choice: str = "asked for"  # or "auto: <why>"
 
     @property
     def device(self) -> torch.device:
@@ -106,11 +107,14 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     mask_prompt = mask_prompt_for(prepared, config.data.mask_prompt)
 
     d, o = config.data, config.optim
-    dtype = resolve_dtype(config.model.dtype, dist.device)
+    if dist.device.type == "cpu":
+        allocator.return_large_frees()  # activations' memory goes back when freed (allocator.py)
+    dtype, dtype_choice = dtype_choice_for(config.model.dtype, dist.device)
     model = load_pretrained(config.model.model, lora=config.model.lora, dtype=dtype, device=dist.device)
     if model.config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"{config.model.model} has a vocabulary of {model.config.vocab_size} tokens; "
                          f"the GPT-2 tokenizer needs {VOCAB_SIZE}")
+    model.grad_checkpoint = config.run.grad_checkpoint
     if d.block_size > model.config.n_positions:
         raise ValueError(f"block_size {d.block_size} is longer than the model's context "
                          f"of {model.config.n_positions}")
@@ -136,7 +140,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     scheduler = build_scheduler(optimizer, o, max_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     run = Run(config, dist, dtype, out, model, model, batches, val_windows, prepared, optimizer, scheduler, scaler,
-              tokens_per_step, max_steps, notices=notices)
+              tokens_per_step, max_steps, notices=notices, dtype_choice=dtype_choice)
     if resuming:
         _load_state(run)
         if run.step >= max_steps:

@@ -8,7 +8,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -20,10 +20,24 @@ from ..evaluation import mean_loss
 from ..flops import lora_training_flops_per_token, measure_matmul_flops
 from ..lora import count_parameters
 from ..train_config import TrainConfig
-from . import factory, run_dir
+from . import factory, loggers, run_dir
 from .events import (Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber,
                      TrainResult)
 from .subscribers import LossPlot, MetricsLog
+
+class StepStats(NamedTuple):
+    loss: float
+    counted: int  # targets the loss learned from
+    grad_norm: float  # L2 norm of all adapter gradients, before clipping
+
+
+def grad_norm(params: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+    """The L2 norm over every gradient (0 when none has one)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros((), device=device)
+    return torch.stack(norms).norm()
+
 
 # should_stop() -> a reason ("SIGTERM", ...) when the run was asked to stop, else None
 StopCheck = Callable[[], "str | None"]
@@ -73,11 +87,11 @@ class Trainer:
             return
         checkpoint.save_checkpoint(r.out / name, r.model, self.state() if with_state else None,
                                    step=r.step, val_loss=r.last_val, tokens_per_step=r.tokens_per_step,
-                                   eval=self.eval_settings())
+                                   dtype=dtype_name(r.dtype), dtype_choice=r.dtype_choice, eval=self.eval_settings())
         self.emit(Saved(r.out / name, r.step))
 
-    def train_step(self) -> tuple[float, int]:
-        """One optimiser step over grad_accum micro-batches: (the step's loss, targets counted).
+    def train_step(self) -> StepStats:
+        """One optimiser step over grad_accum micro-batches: its loss, targets counted, gradient norm.
 
         The loss is the sum over every counted target of the step (all micro-batches, all
         ranks) divided by their number, not a mean of per-micro-batch means, which would weigh
@@ -98,8 +112,10 @@ class Trainer:
             total += loss.detach()
         if r.scaler is not None:
             r.scaler.unscale_(r.optimizer)
+        params = [p for group in r.optimizer.param_groups for p in group["params"]]  # LoRA+: both groups
+        norm = grad_norm(params, r.device)  # before clipping: what the run is told
         if r.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(r.optimizer.param_groups[0]["params"], r.config.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, r.config.optim.grad_clip)
         if r.scaler is not None:
             r.scaler.step(r.optimizer)
             r.scaler.update()
@@ -107,8 +123,10 @@ class Trainer:
             r.optimizer.step()
         r.scheduler.step()
         r.optimizer.zero_grad(set_to_none=True)
-        # this rank's share times world_size: the mean over ranks is the step's loss
-        return distributed.mean_all(r.dist, total.item()), counted
+        loss, norm_value = torch.stack([total.float(), norm.float()]).tolist()  # one host sync
+        # this rank's share times world_size: the mean over ranks is the step's loss; the
+        # gradients (hence their norm) are already the same on every rank
+        return StepStats(distributed.mean_all(r.dist, loss), counted, norm_value)
 
     def _diverged(self, loss: float) -> str:
         r = self.run_
@@ -125,7 +143,7 @@ class Trainer:
         start_time = last_save = time.perf_counter()
         lora_count, all_count = count_parameters(r.model)
         self.emit(Started(r.config.model.model, lora_count, all_count, r.tokens_per_step, str(r.device),
-                          dtype_name(r.dtype), r.dist.world_size, r.step, r.max_steps, r.out))
+                          dtype_name(r.dtype), r.dtype_choice, r.dist.world_size, r.step, r.max_steps, r.out))
         for notice in r.notices:
             self.emit(notice)
         first_step = r.step
@@ -133,7 +151,8 @@ class Trainer:
         stop_reason: str | None = None
         r.forward_model.train()
         while r.step < r.max_steps:
-            loss, counted = self.train_step()
+            stats = self.train_step()
+            loss, counted = stats.loss, stats.counted
             if not math.isfinite(loss):  # the mean over ranks: every rank stops at this step
                 raise TrainingStopped(self._diverged(loss))
             r.step += 1
@@ -143,12 +162,12 @@ class Trainer:
             # counted tokens: the targets the loss learned from (padding and masked prompts are not)
             tokens_per_s = interval_tokens / max(now - interval_start, 1e-9)
             lr = r.scheduler.get_last_lr()[0]
-            self.emit(Stepped(r.step, loss, lr, tokens_per_s))
+            self.emit(Stepped(r.step, loss, lr, tokens_per_s, stats.grad_norm))
             evaluate_now = r.step % cfg.eval_interval == 0 or r.step == r.max_steps
             record: dict[str, Any] = {}
             if evaluate_now or r.step % cfg.log_interval == 0:
-                record = {"step": r.step, "train_loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
-                          "elapsed_s": round(now - start_time, 3)}
+                record = {"step": r.step, "train_loss": loss, "lr": lr, "grad_norm": stats.grad_norm,
+                          "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - start_time, 3)}
                 interval_start, interval_tokens = now, 0
             if evaluate_now and should_stop() is None:  # a stop request abandons the evaluation
                 self._evaluate(record, should_stop)
@@ -210,16 +229,17 @@ def train(config: TrainConfig, *, resume: bool | str = False, subscribers: Itera
           should_stop: StopCheck = lambda: None, stop_after: int | None = None,
           measure_mfu: bool = False, prepare_progress: Callable[[int, int], None] | None = None) -> TrainResult:
     """Run (or resume) a training run as configured; `subscribers` receive its events after the
-    run's own (metrics.jsonl, loss.png). `resume`: False/True, or "auto" (resume if there is a run).
+    run's own (metrics.jsonl, loss.png) and before the --log loggers. `resume`: False/True, or "auto" (resume if there is a run).
     `prepare_progress(done, total)` hears how a first preparation of the data goes.
     """
     mode = {False: "no", True: "yes"}.get(resume, resume) if isinstance(resume, bool) else resume
+    loggers.check_installed(config.run.log)
     with distributed.process_group(config.run.device) as dist:
         run = factory.build(config, dist, mode, prepare_progress)
         try:
             trainer = Trainer(run)
             trainer.subscribers = (default_subscribers(config, run.model, trainer.emit) + list(subscribers)
-                                   if dist.is_main else [])
+                                   + loggers.build(config, trainer.emit) if dist.is_main else [])
             return trainer.run(should_stop, stop_after, measure_mfu)
         finally:
             if run.lock is not None:

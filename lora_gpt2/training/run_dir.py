@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def existing_step(out: Path) -> int | None:
 
 def clear_orphans(out: Path) -> None:
     """A new run in a folder whose earlier run never checkpointed: its metrics and plot go."""
-    for name in (METRICS_FILE, PLOT_FILE):
+    for name in (METRICS_FILE, PLOT_FILE, "wandb-run-id"):  # a new run is a new W&B run
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its event files would mix with the new run's
 
 
 def read_run_config(out: Path) -> dict | None:

@@ -1,0 +1,148 @@
+"""`generate --num-samples N`: the samples are decoded together, in one batch with one KV cache,
+and a seed gives the same texts whatever the batching."""
+
+import json
+
+import pytest
+import torch
+
+from lora_gpt2 import load_pretrained
+from lora_gpt2.generate import GenerationSession, SamplingConfig
+
+from helpers import make_hf_model, save_hf_model
+
+PROMPT = [464, 2068, 7586, 21831]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """A tiny GPT-2 with a short context (24 positions), so long samples slide their window."""
+    path = save_hf_model(make_hf_model(seed=9, n_positions=24), tmp_path_factory.mktemp("short-context"))
+    model = load_pretrained(path, lora=None).eval()
+    return GenerationSession(model)
+
+
+def texts(streams):
+    return [("".join(s), s.tokens, s.finish_reason) for s in streams]
+
+
+def one_at_a_time(session, cfg, seeds):
+    return texts([session.stream(PROMPT, cfg, session.generator(seed)) for seed in seeds])
+
+
+SAMPLED = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=60, top_p=0.95)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 8])
+def test_a_seed_gives_the_same_samples_whatever_the_batching(session, batch_size):
+    seeds = [11, 12, 13, 14]
+    expected = one_at_a_time(session, SAMPLED, seeds)
+    assert len({tuple(t) for _, t, _ in expected}) == 4  # four different samples
+    assert all(len(t) == 40 for _, t, _ in expected)  # 4 + 40 > 24 positions: the window slid
+    assert texts(session.stream_samples(PROMPT, SAMPLED, seeds, batch_size=batch_size)) == expected
+
+
+def test_samples_that_stop_early_leave_the_batch(session):
+    free = one_at_a_time(session, SAMPLED, [21, 22, 23])
+    stop = free[1][1][6]  # sample 1's 7th token ends samples where it appears
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=60, top_p=0.95, stop_token=stop)
+    expected = one_at_a_time(session, cfg, [21, 22, 23])
+    assert len(expected[1][1]) <= 6 and expected[1][2] == "stop"
+    assert len({len(t) for _, t, _ in expected}) > 1  # they end at different steps
+    assert texts(session.stream_samples(PROMPT, cfg, [21, 22, 23], batch_size=3)) == expected
+
+
+def test_streams_can_be_read_in_any_order(session):
+    streams = session.stream_samples(PROMPT, SAMPLED, [31, 32, 33], batch_size=3)
+    last_first = {i: "".join(streams[i]) for i in (2, 0, 1)}
+    assert [last_first[i] for i in range(3)] == [t for t, _, _ in one_at_a_time(session, SAMPLED, [31, 32, 33])]
+
+
+def test_one_batch_is_one_forward_per_step(session):
+    calls = []
+    hook = session.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        cfg = SamplingConfig(max_new_tokens=10, temperature=1.0)
+        texts(session.stream_samples(PROMPT, cfg, [1, 2, 3, 4], batch_size=4))
+    finally:
+        hook.remove()
+    # the prompt once (one row), then one step for all four rows per token
+    assert calls == [torch.Size([1, 4])] + [torch.Size([4, 1])] * 9
+
+
+def test_greedy_samples_are_all_the_greedy_text(session):
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    (alone,) = one_at_a_time(session, greedy, [0])
+    assert texts(session.stream_samples(PROMPT, greedy, [0, 1, 2], batch_size=3)) == [alone] * 3
+
+
+def test_cli_sample_i_is_seed_plus_i(tiny_checkpoint, cli):
+    def run(*more):
+        code, out, _ = cli("generate", "Once", "--model", tiny_checkpoint[0], "--max-new-tokens", "12",
+                           "--temperature", "1", "--json", "--device", "cpu", *more)
+        assert code == 0
+        return [json.loads(line) for line in out.splitlines()]
+
+    batched = run("--num-samples", "3", "--seed", "40")
+    assert [s["seed"] for s in batched] == [40, 41, 42]
+    assert run("--num-samples", "3", "--seed", "40", "--batch-size", "1") == batched
+    (single,) = run("--seed", "41")
+    assert single["completion"] == batched[1]["completion"]
+    assert len({s["completion"] for s in batched}) == 3
+
+
+def test_cli_refuses_a_seed_range_beyond_the_generator(tiny_checkpoint, cli):
+    code, _, err = cli("generate", "x", "--model", tiny_checkpoint[0], "--num-samples", "4",
+                       "--seed", str(2**63 - 2))
+    assert code == 1
+    assert err.strip() == f"lora-gpt2: error: seed must be in [0, 2**63 - num_samples], got {2**63 - 2}"
+
+
+@pytest.fixture
+def adapted(tmp_path):
+    from lora_gpt2.config import LoRAConfig
+    from lora_gpt2.lora import lora_parameters
+
+    path = save_hf_model(make_hf_model(seed=5), tmp_path / "m")
+    model = load_pretrained(path, lora=LoRAConfig(targets=("attn", "ffn", "lm_head"), r=4, alpha=8.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+needs_packing = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing")
+
+
+@needs_packing
+def test_packed_decoding_weights_give_the_same_logits(adapted):
+    ids = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        plain = adapted(ids)
+        assert adapted.pack_for_decoding() == 2 * 4 + 1  # 4 linear layers per block, 2 blocks, lm_head
+        packed = adapted(ids)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=2e-5)
+
+
+@needs_packing
+def test_training_and_merging_never_read_a_packed_copy(adapted):
+    ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = adapted(ids, targets=ids).item()
+    adapted.pack_for_decoding()
+    with torch.inference_mode():
+        before = adapted(ids)
+    adapted.merge()  # folds the updates into the weights: packed copies of the old ones must go
+    assert all(layer.packed is None for layer in adapted.lora_layers().values())
+    with torch.inference_mode():
+        torch.testing.assert_close(adapted(ids), before, rtol=0, atol=5e-5)
+    adapted.unmerge()
+    adapted.pack_for_decoding()
+    for module in adapted.modules():  # spoil every packed copy: a read of one would show
+        if getattr(module, "packed", None) is not None:
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(module.weight))
+    loss = adapted(ids, targets=ids)  # with gradients: F.linear on the real weights
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
