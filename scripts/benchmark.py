@@ -86,7 +86,7 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
-SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples")
+SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples", "profile")
 
 
 def run(args) -> dict:
@@ -156,6 +156,10 @@ def run(args) -> dict:
                     best = results.get(f"samples_{n}_{system}")
                     if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
                         results[f"samples_{n}_{system}"] = got
+    if "profile" in only:  # where lora-gpt2's training step spends its time
+        for dtype in ("float32", "bfloat16") if results["machine"]["native_bf16"] else ("float32",):
+            results[f"profile_{dtype}"] = got = spawn(args, "profile", "lora-gpt2", dtype)
+            print(f"  profile {dtype}: {got}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
@@ -236,7 +240,7 @@ def table(results: dict) -> str:
                      f"{last['tokens_per_s']:,.0f} vs "
                      f"{every['tokens_per_s']:,.0f} tokens/s ({last['tokens_per_s'] / every['tokens_per_s']:.2f}×), "
                      f"peak memory {last['peak_mb']:,.0f} vs {every['peak_mb']:,.0f} MB")
-    lines += _checkpointing_lines(results) + _samples_lines(results)
+    lines += _checkpointing_lines(results) + _samples_lines(results) + _profile_lines(results)
     return "\n".join(lines)
 
 
@@ -276,6 +280,18 @@ def _samples_lines(results: dict) -> list[str]:
         one, four = results[f"samples_1_{system}"], results[f"samples_4_{system}"]
         lines.append(f"sampling 4 completions of one prompt, {system}: {four['tokens_per_s']:,.1f} tokens/s in all "
                      f"vs {one['tokens_per_s']:,.1f} for one sample ({four['tokens_per_s'] / one['tokens_per_s']:.2f}×)")
+    return lines
+
+
+def _profile_lines(results: dict) -> list[str]:
+    lines = []
+    for dtype in ("float32", "bfloat16"):
+        got = results.get(f"profile_{dtype}")
+        if got is None:
+            continue
+        wall, parts = got["wall_ms_per_step"], got["ms_per_step"]
+        shares = ", ".join(f"{kind} {100 * ms / wall:.0f}%" for kind, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
+        lines += ["", f"lora-gpt2 training step, {dtype}, {wall:,.0f} ms (PyTorch profiler, ops' own time): {shares}"]
     return lines
 
 

@@ -109,6 +109,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_checkpoint, text_data, tmp_pat
 
 
 def test_ddp_two_gloo_processes_equal_one_process_over_the_same_global_batches(tiny_checkpoint, text_data, tmp_path):
+    """Also: --grad-checkpoint under DDP changes nothing, and only rank 0 logs to TensorBoard."""
     common = ["--model", tiny_checkpoint[0], "--data", text_data, *TINY, "--max-steps", "4",
               "--eval-interval", "4", "--grad-accum", "2", "--targets", "attn"]
     single = run_train(*common, "--out", tmp_path / "single", "--batch-size", "4")
@@ -116,7 +117,8 @@ def test_ddp_two_gloo_processes_equal_one_process_over_the_same_global_batches(t
     assert single.returncode == 0, err
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "lora_gpt2", "train", *map(str, common), "--out", str(tmp_path / "ddp"), "--batch-size", "2"],
+         "-m", "lora_gpt2", "train", *map(str, common), "--out", str(tmp_path / "ddp"), "--batch-size", "2",
+         "--grad-checkpoint", "--logger", "tensorboard"],  # torchrun's own parser would take --log
         env=env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = load_file(tmp_path / "single" / "last" / "adapter.safetensors")
@@ -125,3 +127,12 @@ def test_ddp_two_gloo_processes_equal_one_process_over_the_same_global_batches(t
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
     assert "device cpu x2" in ddp.stderr and ddp.stderr.count("done: step 4/4") == 1
+    events = list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # rank 1 wrote nothing
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("train/loss")] == \
+        [(r["step"], r["train_loss"]) for r in rows]

@@ -86,9 +86,10 @@ def train_cmd(
     grad_checkpoint: Optional[bool] = Opt(None, "--grad-checkpoint/--no-grad-checkpoint",
                                           help=H("Recompute each block's activations in backward: less memory, "
                                                  "about a third more compute.", "grad_checkpoint")),
-    log: Optional[list[str]] = Opt(None, "--log", metavar="tensorboard|wandb",
+    log: Optional[list[str]] = Opt(None, "--log", "--logger", metavar="tensorboard|wandb",
                                    help="Also log to TensorBoard or W&B (repeatable; needs "
-                                        "pip install 'lora-gpt2\\[tensorboard]' or '\\[wandb]')."),
+                                        "pip install 'lora-gpt2\\[tensorboard]' or '\\[wandb]'). Under "
+                                        "torchrun write --logger: its parser takes --log for its --log-dir."),
     resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint; "
                                                 "'--resume auto' starts fresh when --out holds no run."),
     resume_auto: bool = Opt(False, "--resume-auto", hidden=True),  # what main() makes of '--resume auto'
