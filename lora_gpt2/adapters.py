@@ -49,10 +49,10 @@ def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
     source = str(adapter.path / (checkpoint.ADAPTER_FILE if adapter.kind == "lora-gpt2" else peft_io.WEIGHTS_FILE))
     checkpoint.copy_lora_tensors(model, adapter.tensors, source)
-    _check_base_layers(model, adapter)
+    check_base_layers(model, adapter)
 
 
-def _check_base_layers(model: GPT2, adapter: Adapter) -> None:
+def check_base_layers(model: GPT2, adapter: Adapter) -> None:
     """PEFT saves tied embedding weights beside the adapter; accept them only if unchanged."""
     ours_by_hf = {f"transformer.{theirs}": ours for ours, theirs in hf_key_map(model.config.n_layer).items()}
     ours_by_hf[LM_HEAD] = "lm_head.weight"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,11 @@ class _AdditiveUpdate(AdapterLayer):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+def _plus_extra(out: torch.Tensor, extra, x: torch.Tensor) -> torch.Tensor:
+    update = None if extra is None else extra(x)
+    return out if update is None else out + update
+
+
 class FrozenLinear(nn.Module):
     """y = x W^T + b with W (out, in) and b frozen."""
 
@@ -139,8 +145,11 @@ class FrozenLinear(nn.Module):
         self.packed = packing.pack(self.weight)
         return self.packed is not None
 
+    # a per-row update added to the output (bank.py: many adapters in one batch), or None
+    extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.frozen_product(x)
+        return _plus_extra(self.frozen_product(x), self.extra, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -219,8 +228,10 @@ class FrozenEmbedding(nn.Module):
         if not self.weight.is_meta:
             nn.init.normal_(self.weight)
 
+    extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None  # as FrozenLinear's
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, self.weight)
+        return _plus_extra(F.embedding(x, self.weight), self.extra, x)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -290,7 +301,7 @@ def head_terms(module: nn.Module) -> LowRankTerms | None:
     """The fused loss's view of an output layer: its terms, or None to call its forward."""
     if isinstance(module, AdapterLayer):
         return module.low_rank_terms()
-    if isinstance(module, FrozenLinear):
+    if isinstance(module, FrozenLinear) and module.extra is None:  # a bank's rows need the forward
         return LowRankTerms(module.weight)
     return None
 

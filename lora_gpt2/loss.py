@@ -102,7 +102,8 @@ def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch
     flat_t = targets.reshape(-1)  # (B*T,)
     terms = head_terms(lm_head)
     if terms is None:
-        return F.cross_entropy(lm_head(flat_h).float(), flat_t, ignore_index=-1, reduction=reduction)
+        # (B, T, d) in, not flattened: a bank's per-row updates need the rows (bank.py)
+        return F.cross_entropy(lm_head(h).flatten(0, 1).float(), flat_t, ignore_index=-1, reduction=reduction)
     counted = int((flat_t >= 0).sum())  # one host sync per call, not one per chunk
     # an empty count gives 0/0 = nan, as F.cross_entropy's mean does
     divisor = 1 if reduction == "sum" else counted

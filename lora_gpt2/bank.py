@@ -1,0 +1,151 @@
+"""Many adapters over one base model, batched: row i of a batch adds adapter i's update.
+
+The base model carries no LoRA layers of its own. For every module some adapter targets, the
+bank stacks the adapters' tensors, zero-padded to the largest rank (zero rows of A and zero
+columns of B add nothing, exactly), with row 0 of each stack the base model's zero update. A
+forward under `bank.rows([...])` then gathers each row's A and B and adds its low-rank product,
+as Punica and S-LoRA do: one batched forward serves requests for different adapters.
+
+DoRA adapters are refused: their magnitude rescales whole outputs, which is not an update
+that can be added per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from . import lora
+from .adapters import Adapter, check_base_layers
+from .config import LoRAConfig
+from .errors import CheckpointError
+from .model import GPT2
+
+
+@dataclass
+class _Stack:
+    """One module's adapters: a (n, r, in), b (n, out, r), scaling (n,); row 0 adds nothing."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: torch.Tensor
+
+    def grow(self, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+        n, r, fan_in = self.a.shape
+        rank = r if a is None else max(r, a.size(0))
+        if rank > r:  # pad every adapter so far to the new largest rank
+            self.a = torch.cat([self.a, self.a.new_zeros(n, rank - r, fan_in)], dim=1)
+            self.b = torch.cat([self.b, self.b.new_zeros(n, self.b.size(1), rank - r)], dim=2)
+        new_a = self.a.new_zeros(1, rank, fan_in)
+        new_b = self.b.new_zeros(1, self.b.size(1), rank)
+        if a is not None:
+            new_a[0, : a.size(0)] = a
+            new_b[0, :, : b.size(1)] = b
+        self.a = torch.cat([self.a, new_a])
+        self.b = torch.cat([self.b, new_b])
+        self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if a is not None else 0.0])])
+
+
+class AdapterBank:
+    """Adapters by name over `model` (built without LoRA targets); `rows` says which one each
+    row of the next forward uses (None: the base model)."""
+
+    def __init__(self, model: GPT2) -> None:
+        if model.lora_layers():
+            raise ValueError("an adapter bank needs the base model without LoRA layers (targets=())")
+        self.model = model
+        self.names: list[str | None] = [None]
+        self.stacks: dict[str, _Stack] = {}
+        self._rows: torch.Tensor | None = None
+        self._dtype = model.frozen_dtype()
+        self._device = model.token_embedding.weight.device
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def add(self, name: str, config: LoRAConfig, tensors: dict[str, torch.Tensor], source: str = "") -> None:
+        """Add an adapter: its LoRA settings and tensors, named as `lora_parameters` names them."""
+        where = source or name
+        if name in self.names:
+            raise ValueError(f"adapter name {name!r} is given twice")
+        if config.dora:
+            raise CheckpointError(f"{where} is a DoRA adapter: its magnitude rescales whole outputs, so it "
+                                  "cannot share a batch unmerged; merge it into its own model instead")
+        with torch.device("meta"):  # the tensors this adapter must have, by name and shape
+            expected = {k: tuple(p.shape) for k, p in lora.lora_parameters(GPT2(self.model.config, config)).items()}
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if got != expected:
+            wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+            raise CheckpointError(f"{where} does not fit {self.model.base.source if self.model.base else 'the model'}"
+                                  f": tensor {wrong[0]} is missing, unexpected or of another shape")
+        modules = dict(self.model.named_modules())
+        targeted = {key.rsplit(".", 1)[0] for key in tensors}
+        for path in sorted(targeted | set(self.stacks)):
+            if path not in self.stacks:
+                self._stack_for(path, modules[path])
+            if path in targeted:
+                a, b = (tensors[f"{path}.lora_{x}"].to(self._device, self._dtype) for x in "ab")
+                self.stacks[path].grow(a, b, config.scaling)
+            else:
+                self.stacks[path].grow(None, None, 0.0)
+        self.names.append(name)
+
+    def add_adapter(self, name: str, adapter: Adapter, force: bool = False) -> None:
+        """Add an adapter read from disk (`adapters.read_adapter`: a run, an adapter or a PEFT
+        folder), checked against the base model as `generate` checks it."""
+        expected, actual = adapter.base_fingerprint, self.model.fingerprint
+        if expected and actual and expected != actual and not force:
+            raise CheckpointError(f"adapter {adapter.path} was trained on base {adapter.base_model!r} (fingerprint "
+                                  f"{expected}), but the served model has fingerprint {actual}")
+        check_base_layers(self.model, adapter)
+        self.add(name, adapter.lora, adapter.tensors, source=str(adapter.path))
+
+    def _stack_for(self, path: str, module: torch.nn.Module) -> None:
+        n = len(self.names)
+        if isinstance(module, lora.FrozenLinear):
+            fan_in, fan_out = module.in_features, module.out_features
+        else:
+            fan_in, fan_out = module.num_embeddings, module.embedding_dim
+        self.stacks[path] = _Stack(torch.zeros(n, 1, fan_in, dtype=self._dtype, device=self._device),
+                                   torch.zeros(n, fan_out, 1, dtype=self._dtype, device=self._device),
+                                   torch.zeros(n, dtype=self._dtype, device=self._device))
+        kind = _linear_update if isinstance(module, lora.FrozenLinear) else _embedding_update
+        stack = self.stacks[path]
+        module.extra = lambda x: kind(stack, self._active_rows(), x)
+
+    def _active_rows(self) -> torch.Tensor | None:
+        return self._rows
+
+    @contextlib.contextmanager
+    def rows(self, names: list[str | None]) -> Iterator[None]:
+        """Within the block, row i of a forward uses adapter names[i] (None: the base model)."""
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(n for n in self.names if n)}")
+        self._rows = torch.tensor([self.names.index(n) for n in names], device=self._device)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+
+def _linear_update(stack: _Stack, rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Row i's scaling * x_i A_i^T B_i^T, for x (B, T, in)."""
+    if rows is None:
+        return None
+    a, b = stack.a[rows].to(x.dtype), stack.b[rows].to(x.dtype)  # (B, r, in), (B, out, r)
+    low = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
+    return torch.bmm(low, b.transpose(1, 2)) * stack.scaling[rows].to(x.dtype)[:, None, None]
+
+
+def _embedding_update(stack: _Stack, rows: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """Row i's scaling * A_i^T[ids_i] B_i^T, for ids (B, T), or positions (T,) shared by every row."""
+    if rows is None:
+        return None
+    if ids.dim() == 1:
+        ids = ids.expand(rows.numel(), -1)
+    low = stack.a[rows[:, None], :, ids]  # (B, T, r): column ids[i, t] of A_i
+    return torch.bmm(low, stack.b[rows].transpose(1, 2)) * stack.scaling[rows][:, None, None]

@@ -1,0 +1,128 @@
+"""Many adapters over one base model in one batch (bank.py): every row equals its adapter alone."""
+
+import pytest
+import torch
+
+from lora_gpt2 import load_pretrained
+from lora_gpt2.bank import AdapterBank
+from lora_gpt2.config import LoRAConfig
+from lora_gpt2.errors import CheckpointError
+from lora_gpt2.generate import SamplingConfig, generate
+from lora_gpt2.lora import lora_parameters
+from lora_gpt2.model import KVCache
+
+from helpers import make_hf_model, save_hf_model
+
+ADAPTERS = {  # different targets, ranks, scalings and blocks, so padding and missing layers show
+    "attn": LoRAConfig(targets=("attn",), r=4, alpha=8.0),
+    "everything": LoRAConfig(targets=("ffn", "lm_head", "token_embedding", "position_embedding"), r=2,
+                             alpha=4.0, rslora=True),
+    "last-block": LoRAConfig(targets=("qkv_projection", "linear_out"), r=8, layers="1"),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = save_hf_model(make_hf_model(seed=6), tmp_path_factory.mktemp("bank-base"))
+    singles, bank_model = {}, load_pretrained(path, lora=LoRAConfig(targets=())).eval()
+    bank = AdapterBank(bank_model)
+    for i, (name, config) in enumerate(ADAPTERS.items()):
+        model = load_pretrained(path, lora=config).eval()
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in lora_parameters(model).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        singles[name] = model
+        bank.add(name, config, {k: v.detach().clone() for k, v in lora_parameters(model).items()})
+    singles[None] = load_pretrained(path, lora=LoRAConfig(targets=())).eval()
+    return path, singles, bank
+
+
+ROWS = ["attn", None, "everything", "last-block", "attn"]
+
+
+def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(world):
+    _, singles, bank = world
+    ids = torch.randint(0, 50257, (len(ROWS), 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), bank.rows(ROWS):
+        mixed = bank.model(ids)
+    with torch.inference_mode():
+        for i, name in enumerate(ROWS):
+            alone = singles[name](ids[i : i + 1])
+            assert (alone - singles[None](ids[i : i + 1])).abs().max() > 1e-2 or name is None  # it changes logits
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=0, atol=1e-5, msg=str(name))
+    with torch.inference_mode():  # outside `rows`, the bank's model is the base model
+        torch.testing.assert_close(bank.model(ids), singles[None](ids), rtol=0, atol=0)
+
+
+def test_greedy_decoding_in_a_mixed_batch_equals_generate_for_each_adapter(world):
+    _, singles, bank = world
+    prompt = [464, 2068, 7586, 21831, 18045]
+    expected = [list(generate(singles[n], prompt, SamplingConfig(max_new_tokens=10, temperature=0))) for n in ROWS]
+    model, n = bank.model, len(ROWS)
+    got = [[] for _ in ROWS]
+    with torch.inference_mode(), bank.rows(ROWS):
+        cache = KVCache.empty(model.config, n, model.frozen_dtype(), "cpu", 32)
+        logits = model(torch.tensor([prompt] * n), cache)[:, -1]
+        for _ in range(10):
+            tokens = logits.argmax(-1)
+            for row, token in enumerate(tokens.tolist()):
+                got[row].append(token)
+            logits = model(tokens[:, None], cache)[:, -1]
+    assert got == expected
+    assert len({tuple(t) for t in got}) > 2  # the adapters really decode differently
+
+
+def test_the_loss_through_a_bank_counts_the_rows_updates(world):
+    _, singles, bank = world
+    ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), bank.rows(["everything", "everything"]):
+        mixed = bank.model(ids, targets=ids).item()
+    with torch.no_grad():
+        alone = singles["everything"](ids, targets=ids).item()
+    assert mixed == pytest.approx(alone, rel=1e-6)
+
+
+def test_what_a_bank_refuses(world):
+    path, singles, bank = world
+    tensors = {k: v.detach() for k, v in lora_parameters(singles["attn"]).items()}
+    with pytest.raises(ValueError, match="adapter name 'attn' is given twice"):
+        bank.add("attn", ADAPTERS["attn"], tensors)
+    with pytest.raises(CheckpointError, match="is a DoRA adapter"):
+        bank.add("dora", LoRAConfig(targets=("attn",), r=4, dora=True), tensors)
+    wrong = dict(tensors)
+    wrong["blocks.0.attn.qkv_projection.lora_a"] = torch.zeros(3, 32)
+    with pytest.raises(CheckpointError, match="tensor blocks.0.attn.qkv_projection.lora_a is missing, unexpected"):
+        bank.add("wrong", ADAPTERS["attn"], wrong)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'; loaded: attn, everything, last-block"):
+        with bank.rows(["attn", "nope"]):
+            pass
+    with pytest.raises(ValueError, match="needs the base model without LoRA layers"):
+        AdapterBank(singles["attn"])
+
+
+def test_adapters_from_disk_lora_gpt2_and_peft(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_gpt2 import checkpoint
+    from lora_gpt2.adapters import read_adapter
+    from lora_gpt2.peft_io import export_peft
+
+    path, singles, _ = world
+    base = load_pretrained(path, lora=LoRAConfig(targets=())).eval()
+    bank = AdapterBank(base)
+    checkpoint.save_checkpoint(tmp_path / "attn", singles["attn"], None, step=0)
+    bank.add_adapter("ours", read_adapter(tmp_path / "attn"))
+    checkpoint.save_checkpoint(tmp_path / "last", singles["last-block"], None, step=0)
+    export_peft(load_file(tmp_path / "last" / "adapter.safetensors"), ADAPTERS["last-block"], 2, path, tmp_path / "peft")
+    bank.add_adapter("peft", read_adapter(tmp_path / "peft"))
+    ids = torch.randint(0, 50257, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode(), bank.rows(["peft", "ours", None]):
+        mixed = bank.model(ids)
+    with torch.inference_mode():
+        for i, name in enumerate(["last-block", "attn", None]):
+            torch.testing.assert_close(mixed[i : i + 1], singles[name](ids[i : i + 1]), rtol=0, atol=1e-5)
+    other = save_hf_model(make_hf_model(seed=7), tmp_path / "other-base")
+    stranger = AdapterBank(load_pretrained(other, lora=LoRAConfig(targets=())))
+    with pytest.raises(CheckpointError, match="was trained on base .* but the served model has fingerprint"):
+        stranger.add_adapter("ours", read_adapter(tmp_path / "attn"))
