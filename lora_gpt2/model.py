@@ -109,6 +109,13 @@ def _packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return steps - starts, (same & causal).unsqueeze(1)
 
 
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+    """One row's new position (1, nh, 1, hs) attending to its own cache and itself."""
+    kv.keys[:, :, kv.start : kv.start + 1] = k
+    kv.values[:, :, kv.start : kv.start + 1] = v
+    return F.scaled_dot_product_attention(q, kv.keys[:, :, : kv.start + 1], kv.values[:, :, : kv.start + 1])
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig, adapted: bool = True) -> None:
         super().__init__()
@@ -117,8 +124,9 @@ class Attention(nn.Module):
         self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg, adapted)
         self.output_projection = _linear("output_projection", d, d, True, lora_cfg, adapted)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
+    def forward(self, x: torch.Tensor, kv: LayerKV | list[LayerKV] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`kv`: a cache, or one per row (one new token each). `mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
         causal attention; None is plain causal attention."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
@@ -127,7 +135,9 @@ class Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if mask is not None:
+        if isinstance(kv, list):  # one cache per row, each at its own length; one new token per row
+            y = torch.cat([_attend_cached(q[i : i + 1], k[i : i + 1], v[i : i + 1], row) for i, row in enumerate(kv)])
+        elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -166,7 +176,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.ffn = FeedForward(config, lora_cfg, adapted)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV | list[LayerKV] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), kv, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -200,7 +210,7 @@ class GPT2(nn.Module):
     def tied(self) -> bool:
         return self.lm_head.weight is self.token_embedding.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
                       segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, C) for token ids idx (B, T).
 
@@ -209,6 +219,8 @@ class GPT2(nn.Module):
         of the same example, exactly as if the example were alone in the row.
         """
         B, T = idx.shape
+        if isinstance(cache, list):  # a cache per row (requests of different lengths): one token each
+            return self._rows_step(idx, cache)
         start = 0 if cache is None else cache.length
         if start + T > self.config.n_positions:
             raise ValueError(
@@ -237,8 +249,26 @@ class GPT2(nn.Module):
             cache.length = start + T
         return self.final_norm(x)
 
+    def _rows_step(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Hidden states (B, 1, C) for one new token per row, row i continuing caches[i] (its
+        own length, its own positions): the batched decoding step of requests that started
+        at different times."""
+        if idx.size(1) != 1 or len(caches) != idx.size(0):
+            raise ValueError(f"per-row caches take one token per row: got ids {tuple(idx.shape)} "
+                             f"for {len(caches)} caches")
+        for c in caches:
+            if c.length >= c.keys[0].size(2):
+                raise ValueError(f"a row's cache is full ({c.length} positions)")
+        pos = torch.tensor([[c.length] for c in caches], device=idx.device)  # (B, 1)
+        x = self.token_embedding(idx) + self.position_embedding(pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, [c.layer(i) for c in caches])
+        for c in caches:
+            c.length += 1
+        return self.final_norm(x)
+
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+        self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None = None, targets: torch.Tensor | None = None,
         reduction: str = "mean", segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the loss instead:

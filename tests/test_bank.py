@@ -126,3 +126,75 @@ def test_adapters_from_disk_lora_gpt2_and_peft(world, tmp_path):
     stranger = AdapterBank(load_pretrained(other, lora=LoRAConfig(targets=())))
     with pytest.raises(CheckpointError, match="was trained on base .* but the served model has fingerprint"):
         stranger.add_adapter("ours", read_adapter(tmp_path / "attn"))
+
+
+def run_all(decoder, requests_at):
+    """Submit requests at the given steps, step until all are done; (request, its tokens) in order."""
+    step, out, pending = 0, [], list(requests_at)
+    while pending or decoder.busy:
+        while pending and pending[0][0] <= step:
+            _, args = pending.pop(0)
+            out.append(decoder.submit(*args))
+        decoder.step()
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("max_batch", [16, 2])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_equals_generate_for_every_request(world, max_batch, temperature):
+    """Three adapters and the base, prompts of different lengths, joining at different steps:
+    each request gets exactly what `generate` gives it alone (greedy, and sampled with its seed)."""
+    from lora_gpt2.batching import BatchDecoder
+
+    _, singles, bank = world
+    plan = [(0, [464, 2068, 7586], "attn", 9, 1), (0, [50256], None, 12, 2),
+            (2, [464, 2068, 7586, 21831, 18045, 625, 262], "everything", 7, 3), (3, [40, 1101], "last-block", 10, 4),
+            (3, [464, 2068, 7586], "attn", 6, 5)]
+    cfgs = [SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=50) for *_, n, _ in plan]
+    decoder = BatchDecoder(bank, max_batch=max_batch)
+    done = run_all(decoder, [(at, (prompt, name, cfg, seed))
+                             for (at, prompt, name, _, seed), cfg in zip(plan, cfgs)])
+    for request, (_, prompt, name, n, seed), cfg in zip(done, plan, cfgs):
+        alone = list(generate(singles[name], prompt, cfg, generator=torch.Generator().manual_seed(seed)))
+        assert request.tokens == alone, name
+        assert request.finish_reason == ("length" if len(alone) == n else "stop")
+    assert len({tuple(r.tokens) for r in done}) >= 4
+
+
+def test_stops_and_cancellations_leave_the_others_untouched(world):
+    from lora_gpt2.batching import BatchDecoder
+
+    _, singles, bank = world
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0)
+    free = list(generate(singles["attn"], [464, 2068], greedy))
+    j = next(j for j in range(1, 10) if free[j] not in free[:j])  # a token that first appears at j
+    stopping = SamplingConfig(max_new_tokens=10, temperature=0, stop_token=free[j])
+    decoder = BatchDecoder(bank)
+    a = decoder.submit([464, 2068], "attn", stopping)
+    b = decoder.submit([464, 2068], "everything", greedy)
+    c = decoder.submit([464, 2068], "last-block", greedy)
+    decoder.step()
+    decoder.step()
+    decoder.cancel(c)
+    while decoder.busy:
+        decoder.step()
+    assert a.tokens == free[:j] and a.finish_reason == "stop"
+    assert b.tokens == list(generate(singles["everything"], [464, 2068], greedy)) and b.finish_reason == "length"
+    assert c.finish_reason == "cancelled" and len(c.tokens) == 2 and c.cache is None
+
+
+def test_a_decoder_refuses_what_cannot_run(world):
+    from lora_gpt2.batching import BatchDecoder
+
+    _, _, bank = world
+    decoder = BatchDecoder(bank)
+    context = bank.model.config.n_positions
+    with pytest.raises(ValueError, match=f"prompt of 10 tokens \\+ max_tokens {context} is more than the "
+                                         f"model's context of {context}"):
+        decoder.submit([1] * 10, None, SamplingConfig(max_new_tokens=context))
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        decoder.submit([1], "nope", SamplingConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        decoder.submit([], None, SamplingConfig(max_new_tokens=2))
+    assert not decoder.busy

@@ -1,0 +1,115 @@
+"""Continuous batching: requests for different adapters decoded together, one token per step.
+
+Each request has its own KV cache and its own position. A new request is prefilled alone
+(with its adapter) when it joins; then every step runs one batched forward over all active
+requests, in which row i adds its adapter's update (bank.py) and attends to its own cache.
+Requests join and leave between steps. Sampling is per request (its settings, its seeded
+generator), so what a request gets does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .bank import AdapterBank
+from .generate import SamplingConfig, next_token
+from .model import KVCache
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    adapter: str | None
+    cfg: SamplingConfig
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length", "stop" or "cancelled" once done
+    cache: KVCache | None = None
+    logits: torch.Tensor | None = None  # (1, V): what the next token is drawn from
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchDecoder:
+    """Requests in, tokens out: `submit` queues a request, `step` advances every active one by a
+    token and returns [(request, token or None when it has just ended)]."""
+
+    def __init__(self, bank: AdapterBank, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.bank, self.model, self.max_batch = bank, bank.model, max_batch
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+
+    def submit(self, prompt: list[int], adapter: str | None, cfg: SamplingConfig, seed: int | None = None) -> Request:
+        context = self.model.config.n_positions
+        if not prompt:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        if len(prompt) + cfg.max_new_tokens > context:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {cfg.max_new_tokens} is more than the "
+                             f"model's context of {context}")
+        if adapter is not None and adapter not in self.bank:
+            raise ValueError(f"unknown adapter {adapter!r}")
+        device = self.model.token_embedding.weight.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        request = Request(list(prompt), adapter, cfg, generator)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """End a request now (its client went away): it leaves the batch before the next step."""
+        if not request.done:
+            request.finish_reason = "cancelled"
+        for queue in (self.waiting, self.active):
+            if request in queue:
+                queue.remove(request)
+        request.cache = request.logits = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int | None]]:
+        self._admit()
+        events: list[tuple[Request, int | None]] = []
+        going: list[tuple[Request, int]] = []
+        for request in list(self.active):
+            token = int(next_token(request.logits, request.cfg, request.generator))
+            if request.cfg.max_new_tokens == 0 or token == request.cfg.stop_token:
+                self._end(request, "length" if request.cfg.max_new_tokens == 0 else "stop", events)
+                continue
+            request.tokens.append(token)
+            events.append((request, token))
+            if len(request.tokens) == request.cfg.max_new_tokens:
+                self._end(request, "length", events)
+            else:
+                going.append((request, token))
+        if going:  # one batched forward: each row its adapter, its cache, its position
+            ids = torch.tensor([[token] for _, token in going], device=self.model.token_embedding.weight.device)
+            with self.bank.rows([r.adapter for r, _ in going]):
+                logits = self.model(ids, [r.cache for r, _ in going])[:, -1]
+            for row, (request, _) in enumerate(going):
+                request.logits = logits[row : row + 1]
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.max_batch:
+            request = self.waiting.pop(0)
+            request.cache = KVCache.empty(self.model.config, 1, self.model.frozen_dtype(),
+                                          self.model.token_embedding.weight.device,
+                                          len(request.prompt) + request.cfg.max_new_tokens)
+            ids = torch.tensor([request.prompt], device=self.model.token_embedding.weight.device)
+            with self.bank.rows([request.adapter]):
+                request.logits = self.model(ids, request.cache)[:, -1]
+            self.active.append(request)
+
+    def _end(self, request: Request, reason: str, events: list) -> None:
+        request.finish_reason = reason
+        self.active.remove(request)
+        request.cache = request.logits = None
+        events.append((request, None))
