@@ -26,6 +26,9 @@ class Request:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop" or "cancelled" once done
+    logprobs: int | None = None  # also record each token's log-probability and this many best alternatives
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     cache: KVCache | None = None
     logits: torch.Tensor | None = None  # (1, V): what the next token is drawn from
 
@@ -45,7 +48,8 @@ class BatchDecoder:
         self.waiting: list[Request] = []
         self.active: list[Request] = []
 
-    def submit(self, prompt: list[int], adapter: str | None, cfg: SamplingConfig, seed: int | None = None) -> Request:
+    def submit(self, prompt: list[int], adapter: str | None, cfg: SamplingConfig, seed: int | None = None,
+               logprobs: int | None = None) -> Request:
         context = self.model.config.n_positions
         if not prompt:
             raise ValueError("the prompt is empty; it needs at least one token")
@@ -56,7 +60,7 @@ class BatchDecoder:
             raise ValueError(f"unknown adapter {adapter!r}")
         device = self.model.token_embedding.weight.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        request = Request(list(prompt), adapter, cfg, generator)
+        request = Request(list(prompt), adapter, cfg, generator, logprobs=logprobs)
         self.waiting.append(request)
         return request
 
@@ -84,6 +88,8 @@ class BatchDecoder:
                 self._end(request, "length" if request.cfg.max_new_tokens == 0 else "stop", events)
                 continue
             request.tokens.append(token)
+            if request.logprobs is not None:  # of the model's distribution, before temperature or top-k
+                self._record_logprobs(request, token)
             events.append((request, token))
             if len(request.tokens) == request.cfg.max_new_tokens:
                 self._end(request, "length", events)
@@ -96,6 +102,16 @@ class BatchDecoder:
             for row, (request, _) in enumerate(going):
                 request.logits = logits[row : row + 1]
         return events
+
+    @staticmethod
+    def _record_logprobs(request: Request, token: int) -> None:
+        logp = torch.log_softmax(request.logits[0].float(), dim=-1)
+        request.token_logprobs.append(float(logp[token]))
+        if request.logprobs:
+            values, ids = torch.topk(logp, request.logprobs)
+            request.top_logprobs.append(dict(zip(ids.tolist(), values.tolist())))
+        else:
+            request.top_logprobs.append({})
 
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:

@@ -1,0 +1,102 @@
+"""`lora-gpt2 serve`: one base model, many adapters, OpenAI's completions API (serve/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app
+from .output import say
+
+Opt = typer.Option
+SERVE_HINT = "pip install 'lora-gpt2[serve]'"
+
+
+def _named(specs: list[str], folder: Optional[Path]) -> dict[str, str]:
+    """NAME=PATH pairs, and every adapter folder inside `folder` named after itself."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter must be NAME=PATH, got {spec!r}")
+        if name in named:
+            raise ValueError(f"--adapter name {name!r} is given twice")
+        named[name] = path
+    if folder is not None:
+        if not folder.is_dir():
+            raise ValueError(f"--adapters {folder} is not a folder")
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if any((sub / f).exists() for f in ("adapter.json", "best", "last", "adapter_config.json")):
+                if sub.name in named:
+                    raise ValueError(f"adapter name {sub.name!r} is given twice (--adapter and --adapters)")
+                named[sub.name] = str(sub)
+    return named
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[str] = Opt(None, help="Base GPT-2 (default: the first adapter's base model)."),
+    adapter: Optional[list[str]] = Opt(None, "--adapter", metavar="NAME=PATH",
+                                       help="An adapter to serve as model NAME: a run, adapter or PEFT folder "
+                                            "(repeatable)."),
+    adapters: Optional[Path] = Opt(None, help="Serve every adapter folder inside this folder, named after it."),
+    host: str = Opt("127.0.0.1", help="Address to bind (0.0.0.0 makes it reachable from other machines)."),
+    port: int = Opt(8000, min=0, max=65535, help="Port to bind."),
+    api_key: Optional[str] = Opt(None, envvar="LORA_GPT2_API_KEY",
+                                 help="Require 'Authorization: Bearer KEY' (env LORA_GPT2_API_KEY)."),
+    max_batch: int = Opt(16, min=1, help="Requests decoded together at most; more wait their turn."),
+    dtype: str = Opt("auto", help="auto, float32, bfloat16, float16 (CUDA)."),
+    device: str = Opt("auto", help="auto, cpu, cuda or mps."),
+    force: bool = Opt(False, "--force", help="Serve adapters even if their base model's fingerprint differs."),
+) -> None:
+    """Answer OpenAI-style completions for the base model and each adapter, batched together."""
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ValueError(f"serve needs FastAPI and uvicorn: {SERVE_HINT}")
+    named = _named(adapter or [], adapters)
+    from ..adapters import read_adapter
+    from ..bank import AdapterBank
+    from ..config import LoRAConfig
+    from ..devices import pick_device, resolve_dtype
+    from ..weights import load_pretrained
+
+    read = {name: read_adapter(path) for name, path in named.items()}
+    base = model or next((a.base_model for a in read.values() if a.base_model), "")
+    if not base:
+        raise ValueError("no base model: pass --model (or an adapter that names its base)")
+    device_ = pick_device(device)
+    net = load_pretrained(base, lora=LoRAConfig(targets=()), dtype=resolve_dtype(dtype, device_), device=device_)
+    net.eval().pack_for_decoding()
+    bank = AdapterBank(net)
+    base_name = Path(base).name if Path(base).exists() else base
+    if base_name in read:
+        raise ValueError(f"adapter name {base_name!r} is the base model's name; choose another")
+    for name, found in read.items():
+        bank.add_adapter(name, found, force=force)
+    _run(bank, base_name, host, port, api_key, max_batch)
+
+
+def _run(bank, base_name: str, host: str, port: int, api_key: str | None, max_batch: int) -> None:
+    import uvicorn
+
+    from ..serve.app import ServeSettings, create_app
+    from ..serve.engine import Engine
+
+    engine = Engine(bank, max_batch).start()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings(base_name, api_key)), host=host,
+                                           port=port, log_level="warning", timeout_graceful_shutdown=30))
+    served = ", ".join(n for n in bank.names if n) or "no adapters"
+    say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
+        "in-flight requests finish)")
+    # uvicorn catches SIGINT/SIGTERM to drain, then passes them on: here they end nothing more
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        engine.stop()
+    say("stopped")

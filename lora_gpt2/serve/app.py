@@ -1,0 +1,216 @@
+"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), `/health`.
+
+Every request is checked before it reaches the engine; every error is OpenAI's JSON shape with
+its status. A streamed request whose client goes away is cancelled, freeing its batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request  # the serve extra; this module is imported only by `serve`
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import tokenizer
+from ..generate import SamplingConfig
+from .engine import Engine, Job
+from .request import ApiError, Completion, parse_completion
+from .text import ChoiceText
+
+MAX_BODY_BYTES = 1 << 20  # a 1 MB request body is far beyond any GPT-2 prompt
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    base_name: str  # what /v1/models calls the base model
+    api_key: str | None = None
+
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+    app = FastAPI(title="lora-gpt2", docs_url=None, redoc_url=None, openapi_url=None)
+    model = engine.bank.model
+    context = model.config.n_positions
+
+    def error(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return error(exc)
+
+    def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    def names() -> list[str]:
+        return [settings.base_name] + [n for n in engine.bank.names if n is not None]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active_requests": engine.active}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lora-gpt2"}
+                                           for n in names()]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = await _read_json(request)
+        c = parse_completion(body, model.config.vocab_size)
+        if c.model not in names():
+            raise ApiError(404, f"the model {c.model!r} does not exist; served: {', '.join(names())}",
+                           param="model", code="model_not_found")
+        adapter = None if c.model == settings.base_name else c.model
+        prompts = [p if isinstance(p, list) else (tokenizer.encode(p) or [tokenizer.EOT_ID]) for p in c.prompts]
+        for ids in prompts:
+            if len(ids) + c.max_tokens > context:
+                raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than the "
+                               f"model's context of {context}", param="max_tokens", code="context_length_exceeded")
+        run = _Run(engine, c, adapter, prompts)
+        if c.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream")
+        return await run.whole()
+
+    return app
+
+
+async def _read_json(request) -> Any:
+    kind = request.headers.get("content-type", "")
+    if not kind.split(";")[0].strip().lower() == "application/json":
+        raise ApiError(415, f"the body must be JSON (Content-Type: application/json), got {kind or 'none'!r}",
+                       code="unsupported_media_type")
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is {int(size):,} bytes; at most {MAX_BODY_BYTES:,}", code="body_too_large")
+    raw = b""
+    async for chunk in request.stream():  # also bounds a body sent without a length
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is more than {MAX_BODY_BYTES:,} bytes", code="body_too_large")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+
+
+class _Run:
+    """One completions request: n choices per prompt, each a job in the engine."""
+
+    def __init__(self, engine: Engine, c: Completion, adapter: str | None, prompts: list[list[int]]) -> None:
+        self.engine, self.c, self.prompts = engine, c, prompts
+        self.id = f"cmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        base_seed = c.seed if c.seed is not None else secrets.randbits(62)
+        cfg = SamplingConfig(max_new_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p)
+        self.jobs: list[Job] = []
+        self.texts: list[ChoiceText] = []
+        for p, ids in enumerate(prompts):
+            for j in range(c.n):
+                index = p * c.n + j
+                sink = (lambda i: lambda kind, value: self.loop.call_soon_threadsafe(
+                    self.queue.put_nowait, (i, kind, value)))(index)
+                self.jobs.append(Job(ids, adapter, cfg, base_seed + index, c.logprobs, sink))
+                self.texts.append(ChoiceText(c.stop))
+        self.tokens = [0] * len(self.jobs)
+        self.logprobs = [_Logprobs() for _ in self.jobs]
+        for job in self.jobs:
+            engine.submit(job)
+
+    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice, new text, finish_reason once it ends), until every choice has ended."""
+        open_choices = set(range(len(self.jobs)))
+        try:
+            while open_choices:
+                index, kind, value = await self.queue.get()
+                if index not in open_choices:
+                    continue
+                text = self.texts[index]
+                if kind == "error":
+                    raise ApiError(500, f"generation failed: {value}", kind="server_error", code="generation_failed")
+                if kind == "token":
+                    token, lp, top = value
+                    self.tokens[index] += 1
+                    piece = text.add(token)
+                    self.logprobs[index].add(token, lp, top)
+                    if text.stopped:  # a stop string: this choice ends here
+                        self.engine.cancel(self.jobs[index])
+                        open_choices.discard(index)
+                        yield index, piece + text.finish(), "stop"
+                    elif piece:
+                        yield index, piece, None
+                else:
+                    open_choices.discard(index)
+                    yield index, text.finish(), "stop" if text.stopped else value
+        finally:
+            for index in open_choices:  # the client went away, or an error: free the slots
+                self.engine.cancel(self.jobs[index])
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(len(ids) for ids in self.prompts) * self.c.n
+        completion = sum(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _chunk(self, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.c.model,
+                "choices": choices}
+
+    async def whole(self) -> dict[str, Any]:
+        texts = [""] * len(self.jobs)
+        reasons: list[str | None] = [None] * len(self.jobs)
+        async for index, piece, reason in self.events():
+            texts[index] += piece
+            reasons[index] = reason or reasons[index]
+        choices = [{"text": texts[i], "index": i, "finish_reason": reasons[i],
+                    "logprobs": self.logprobs[i].body() if self.c.logprobs is not None else None}
+                   for i in range(len(self.jobs))]
+        return {**self._chunk(choices), "usage": self._usage()}
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            async for index, piece, reason in self.events():
+                choice = {"text": piece, "index": index, "finish_reason": reason, "logprobs": None}
+                yield f"data: {json.dumps(self._chunk([choice]))}\n\n"
+        except ApiError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+class _Logprobs:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top: list[dict[str, float]] = []
+        self.offsets: list[int] = []
+        self._offset = 0
+
+    def add(self, token: int, lp: float | None, top: dict[int, float] | None) -> None:
+        if lp is None:
+            return
+        enc = tokenizer.get_encoding()
+        text = enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+        self.tokens.append(text)
+        self.token_logprobs.append(lp)
+        self.top.append({enc.decode_single_token_bytes(t).decode("utf-8", errors="replace"): v
+                         for t, v in (top or {}).items()})
+        self.offsets.append(self._offset)
+        self._offset += len(text)
+
+    def body(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
+                "text_offset": self.offsets}

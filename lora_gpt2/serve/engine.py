@@ -1,0 +1,111 @@
+"""The decoding thread: jobs come in through a queue, tokens go out through each job's sink.
+
+The HTTP layer never touches the model: it submits a job and reads what the sink delivers
+(`call_soon_threadsafe` onto an asyncio queue). A job cancelled by its client (a closed
+stream) leaves the batch before the next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..bank import AdapterBank
+from ..batching import BatchDecoder, Request
+from ..generate import SamplingConfig
+
+# sink(kind, value): ("token", (id, logprob, top)), ("end", finish_reason) or ("error", message)
+Sink = Callable[[str, Any], None]
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: list[int]
+    adapter: str | None
+    cfg: SamplingConfig
+    seed: int | None
+    logprobs: int | None
+    sink: Sink
+    request: Request | None = field(default=None, repr=False)
+
+
+class Engine:
+    def __init__(self, bank: AdapterBank, max_batch: int = 16) -> None:
+        self.decoder = BatchDecoder(bank, max_batch)
+        self.bank = bank
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[Request, Job] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lora-gpt2-decoder", daemon=True)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Job:
+        self._inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        self._inbox.put(("cancel", job))
+
+    @property
+    def active(self) -> int:
+        """Requests in the batch or waiting for it (read from another thread: a snapshot)."""
+        return len(self.decoder.active) + len(self.decoder.waiting)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._take_inbox(wait=not self.decoder.busy)
+            if not self.decoder.busy:
+                continue
+            try:
+                events = self.decoder.step()
+            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: every job in the batch fails
+                self._fail_all(" ".join(str(exc).split()))
+                continue
+            for request, token in events:
+                job = self._jobs.get(request)
+                if job is None:
+                    continue
+                if token is None:
+                    del self._jobs[request]
+                    job.sink("end", request.finish_reason)
+                else:
+                    top = request.top_logprobs[-1] if request.logprobs is not None else None
+                    lp = request.token_logprobs[-1] if request.logprobs is not None else None
+                    job.sink("token", (token, lp, top))
+
+    def _take_inbox(self, wait: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if wait else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, job = item
+            if kind == "submit":
+                try:
+                    job.request = self.decoder.submit(job.prompt, job.adapter, job.cfg, job.seed, job.logprobs)
+                    self._jobs[job.request] = job
+                except ValueError as exc:
+                    job.sink("error", str(exc))
+            elif kind == "cancel" and job.request is not None and job.request in self._jobs:
+                del self._jobs[job.request]
+                self.decoder.cancel(job.request)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_all(self, message: str) -> None:
+        for request, job in list(self._jobs.items()):
+            self.decoder.cancel(request)
+            job.sink("error", message)
+        self._jobs.clear()

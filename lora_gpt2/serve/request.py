@@ -1,0 +1,115 @@
+"""An OpenAI completions request, checked field by field: every refusal names its field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_N = 16
+MAX_LOGPROBS = 5
+MAX_STOPS = 4
+UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
+               "logit_bias": None}  # accepted only at these values (OpenAI's defaults)
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape: status, message, the parameter at fault, a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Completion:
+    model: str
+    prompts: list[str | list[int]]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    logprobs: int | None
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(key, f"must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise _bad(key, f"must be between {low:g} and {high:g}, got {value!r}")
+    return float(value)
+
+
+def _integer(body: dict, key: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(key, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise _bad(key, f"must be between {low} and {high}, got {value!r}")
+    return value
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [list(value)]  # one prompt as token ids
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, list) and value and all(isinstance(v, list) and v and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value):
+        return [list(v) for v in value]
+    raise _bad("prompt", "must be a string, a list of strings, or token ids (a list of integers, or of lists)")
+
+
+def parse_completion(body: Any, vocab_size: int) -> Completion:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "is required: the base model's name or an adapter's")
+    if "prompt" not in body:
+        raise _bad("prompt", "is required")
+    prompts = _prompts(body["prompt"])
+    for prompt in prompts:
+        if isinstance(prompt, list) and not all(0 <= t < vocab_size for t in prompt):
+            raise _bad("prompt", f"token ids must be in [0, {vocab_size})")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOPS}, got {stop!r}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream", f"must be true or false, got {stream!r}")
+    for key, default in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and value != default and value != {}:
+            raise ApiError(400, f"{key}: not supported by lora-gpt2 serve (only {default!r})", param=key,
+                           code="unsupported")
+    return Completion(
+        model=model, prompts=prompts,
+        max_tokens=_integer(body, "max_tokens", 16, 0, 1 << 20),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
+        n=_integer(body, "n", 1, 1, MAX_N),
+        stop=stops,
+        seed=_integer(body, "seed", None, 0, 2**62),
+        stream=stream,
+        logprobs=_integer(body, "logprobs", None, 0, MAX_LOGPROBS),
+    )

@@ -1,0 +1,274 @@
+"""`lora-gpt2 serve`: OpenAI's completions API over one base model and many adapters, tested
+with the official `openai` client and raw HTTP, against a server on 127.0.0.1."""
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from lora_gpt2 import checkpoint, load_pretrained, tokenizer
+from lora_gpt2.adapters import read_adapter
+from lora_gpt2.bank import AdapterBank
+from lora_gpt2.config import LoRAConfig
+from lora_gpt2.generate import SamplingConfig, generate
+from lora_gpt2.lora import lora_parameters
+
+from helpers import cli_command, make_hf_model, save_hf_model, subprocess_env
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+ADAPTERS = {"poems": LoRAConfig(targets=("attn", "lm_head"), r=4, alpha=8.0),
+            "plays": LoRAConfig(targets=("ffn",), r=2, alpha=2.0)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A base model folder, two adapter folders and each adapter's own model (the reference)."""
+    root = tmp_path_factory.mktemp("serve")
+    base = save_hf_model(make_hf_model(seed=8, n_positions=512), root / "tiny-base")  # room for long requests
+    singles = {None: load_pretrained(base, lora=LoRAConfig(targets=())).eval()}
+    for i, (name, config) in enumerate(ADAPTERS.items()):
+        model = load_pretrained(base, lora=config).eval()
+        g = torch.Generator().manual_seed(20 + i)
+        with torch.no_grad():
+            for p in lora_parameters(model).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        checkpoint.save_checkpoint(root / "adapters" / name, model, None, step=1)
+        singles[name] = model
+    return base, root / "adapters", singles
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    import uvicorn
+
+    from lora_gpt2.serve.app import ServeSettings, create_app
+    from lora_gpt2.serve.engine import Engine
+
+    base, adapters, _ = world
+    bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
+    for name in ADAPTERS:
+        bank.add_adapter(name, read_adapter(adapters / name))
+    engine = Engine(bank, max_batch=4).start()
+    port = free_port()
+    app = create_app(engine, ServeSettings("tiny-base", KEY))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def greedy_text(singles, name, prompt, n):
+    ids = tokenizer.encode(prompt)
+    return tokenizer.decode(list(generate(singles[name], ids, SamplingConfig(max_new_tokens=n, temperature=0))))
+
+
+def test_models_lists_the_base_and_every_adapter(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-base", "poems", "plays"]
+
+
+@pytest.mark.parametrize("name", [None, "poems", "plays"])
+def test_greedy_completions_equal_generate(client, world, name):
+    _, _, singles = world
+    got = client.completions.create(model=name or "tiny-base", prompt="The quick brown", max_tokens=12,
+                                    temperature=0)
+    assert got.choices[0].text == greedy_text(singles, name, "The quick brown", 12)
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == 3 and got.usage.completion_tokens == 12 and got.usage.total_tokens == 15
+
+
+def test_streaming_gives_the_same_text_in_openai_chunks(client, world):
+    _, _, singles = world
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model="poems", prompt="Once upon", max_tokens=15, temperature=0,
+                                           stream=True):
+        assert chunk.object == "text_completion" and chunk.model == "poems"
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == greedy_text(singles, "poems", "Once upon", 15)
+    assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+
+
+def test_concurrent_requests_for_different_adapters_are_each_exact(server, world):
+    """Requests for both adapters and the base at once share batches; each equals `generate`."""
+    _, _, singles = world
+    jobs = [(name, prompt) for name in (None, "poems", "plays") for prompt in ("Hello there", "In the")]
+    results = {}
+
+    def ask(name, prompt):
+        c = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        results[(name, prompt)] = c.completions.create(model=name or "tiny-base", prompt=prompt, max_tokens=20,
+                                                       temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {(n, p): greedy_text(singles, n, p, 20) for n, p in jobs}
+
+
+def test_seeded_samples_n_and_a_prompt_list(client):
+    kwargs = dict(model="plays", prompt=["A", "B"], max_tokens=8, temperature=1.0, n=2, seed=5)
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) == 4
+
+
+def test_stop_strings_end_the_text_before_them(client, world):
+    _, _, singles = world
+    full = greedy_text(singles, "poems", "The quick brown", 30)
+    stop = full[10:14]
+    assert stop and full.index(stop) >= 1
+    got = client.completions.create(model="poems", prompt="The quick brown", max_tokens=30, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[: full.index(stop)] and got.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="poems", prompt="The quick brown", max_tokens=30, temperature=0, stop=stop, stream=True))
+    assert streamed == full[: full.index(stop)]
+
+
+def test_logprobs_are_the_models_own(client, world):
+    _, _, singles = world
+    got = client.completions.create(model="plays", prompt="The quick brown", max_tokens=3, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    ids = tokenizer.encode("The quick brown")
+    with torch.inference_mode():
+        first = torch.log_softmax(singles["plays"](torch.tensor([ids]))[0, -1].float(), -1)
+    assert lp.token_logprobs[0] == pytest.approx(first.max().item(), abs=1e-4)
+    assert len(lp.tokens) == 3 and all(len(top) == 2 for top in lp.top_logprobs)
+
+
+@pytest.mark.parametrize("kwargs, error, param", [
+    (dict(model="nope"), "NotFoundError", "model"),
+    (dict(temperature=3.5), "BadRequestError", "temperature"),
+    (dict(max_tokens=-1), "BadRequestError", "max_tokens"),
+    (dict(n=0), "BadRequestError", "n"),
+    (dict(max_tokens=100000), "BadRequestError", "max_tokens"),
+])
+def test_bad_requests_are_the_clients_exceptions(client, kwargs, error, param):
+    args = {"model": "poems", "prompt": "x", "max_tokens": 4, **kwargs}
+    with pytest.raises(getattr(openai, error)) as caught:
+        client.completions.create(**args)
+    assert caught.value.body["param"] == param and param in caught.value.body["message"]
+
+
+def test_a_missing_or_wrong_key_is_401(server):
+    import httpx
+
+    c = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
+    missing = httpx.get(server[0] + "/v1/models", timeout=10)  # no Authorization header at all
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+
+
+def raw(server, body: bytes, content_type="application/json", key=KEY):
+    import httpx
+
+    headers = {"content-type": content_type, "authorization": f"Bearer {key}"}
+    return httpx.post(server[0] + "/v1/completions", content=body, headers=headers, timeout=30)
+
+
+def test_raw_http_errors_keep_openais_shape(server):
+    import httpx
+
+    cases = [(raw(server, b"{not json"), 400, "invalid_json"),
+             (raw(server, b'{"model": "poems"}', content_type="text/plain"), 415, "unsupported_media_type"),
+             (raw(server, b'{"model": "poems", "prompt": "' + b"a" * (2 << 20) + b'"}'), 413, "body_too_large"),
+             (raw(server, b"[1, 2]"), 400, "invalid_json"),
+             (raw(server, b'{"model": "poems", "prompt": "x", "echo": true}'), 400, "unsupported")]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == code
+    assert httpx.get(server[0] + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    import httpx
+
+    base, engine = server
+    body = {"model": "plays", "prompt": "x", "max_tokens": 400, "temperature": 0, "stream": True}
+    chunks = 0
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
+                      timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+                assert engine.active == 1  # still generating its 400 tokens
+                break  # one chunk, then the client goes away
+    assert chunks == 1
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
+    import httpx
+
+    base, adapters, singles = world
+    port = free_port()
+    proc = subprocess.Popen(cli_command("serve", "--model", base, "--adapters", adapters, "--port", port,
+                                        "--device", "cpu"),
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result = {}
+
+        def ask():
+            result["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                     json={"model": "poems", "prompt": "Hello", "max_tokens": 300, "temperature": 0})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.time() + 30
+        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["active_requests"] == 0:
+            assert time.time() < deadline and asker.is_alive(), "the request never became active"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        asker.join(60)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, err
+    assert result["r"].status_code == 200
+    assert result["r"].json()["choices"][0]["text"] == greedy_text(singles, "poems", "Hello", 300)
+    assert "serving tiny-base + plays, poems on" in err and err.strip().endswith("stopped")
+
+
+def test_serve_refuses_bad_adapter_specs(cli, tmp_path):
+    code, _, err = cli("serve", "--adapter", "poems")
+    assert code == 1 and err.strip() == "lora-gpt2: error: --adapter must be NAME=PATH, got 'poems'"
+    code, _, err = cli("serve", "--adapters", str(tmp_path / "none"))
+    assert code == 1 and "is not a folder" in err
