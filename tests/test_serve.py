@@ -168,6 +168,12 @@ def test_logprobs_are_the_models_own(client, world):
     (dict(max_tokens=-1), "BadRequestError", "max_tokens"),
     (dict(n=0), "BadRequestError", "n"),
     (dict(max_tokens=100000), "BadRequestError", "max_tokens"),
+    (dict(prompt=["x"] * 40, n=2), "BadRequestError", "n"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "BadRequestError", "stop"),
+    (dict(top_p=1.5), "BadRequestError", "top_p"),
+    (dict(seed=-1), "BadRequestError", "seed"),
+    (dict(logprobs=6), "BadRequestError", "logprobs"),
+    (dict(prompt=[]), "BadRequestError", "prompt"),
 ])
 def test_bad_requests_are_the_clients_exceptions(client, kwargs, error, param):
     args = {"model": "poems", "prompt": "x", "max_tokens": 4, **kwargs}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request: a batch's worth, not a denial of service
 MAX_LOGPROBS = 5
 MAX_STOPS = 4
 UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
@@ -102,12 +103,15 @@ def parse_completion(body: Any, vocab_size: int) -> Completion:
         if value is not None and value != default and value != {}:
             raise ApiError(400, f"{key}: not supported by lora-gpt2 serve (only {default!r})", param=key,
                            code="unsupported")
+    n = _integer(body, "n", 1, 1, MAX_N)
+    if len(prompts) * n > MAX_CHOICES:
+        raise _bad("n", f"{len(prompts)} prompts x n {n} is more than {MAX_CHOICES} completions in one request")
     return Completion(
         model=model, prompts=prompts,
         max_tokens=_integer(body, "max_tokens", 16, 0, 1 << 20),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
-        n=_integer(body, "n", 1, 1, MAX_N),
+        n=n,
         stop=stops,
         seed=_integer(body, "seed", None, 0, 2**62),
         stream=stream,
