@@ -216,12 +216,7 @@ def worker_generate(args) -> dict:
             "".join(stream)
             return len(stream.tokens)
     else:
-        from peft import LoraConfig, get_peft_model
-        from transformers import GPT2LMHeadModel
-
-        model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True)).eval()
+        model = _peft_for_decoding(args)
         ids = torch.tensor([prompt], device=args.device)
 
         def run(k: int) -> int:
@@ -236,6 +231,16 @@ def worker_generate(args) -> dict:
     made = run(n)
     _sync(args.device)
     return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made}
+
+
+def _peft_for_decoding(args):
+    """transformers' GPT-2 with a PEFT LoRA on c_attn, as the lora-gpt2 side adapts qkv_projection."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
+    return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
+                                            fan_in_fan_out=True)).eval()
 
 
 def worker_samples(args) -> dict:
@@ -260,12 +265,7 @@ def worker_samples(args) -> dict:
                 "".join(stream)  # decoded to text, as `generate` prints it
             return sum(len(stream.tokens) for stream in streams)
     else:
-        from peft import LoraConfig, get_peft_model
-        from transformers import GPT2LMHeadModel
-
-        model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True)).eval()
+        model = _peft_for_decoding(args)
         ids = torch.tensor([prompt], device=args.device)
 
         def run(tokens: int) -> int:

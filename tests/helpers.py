@@ -27,6 +27,17 @@ def make_hf_model(seed: int = 0, **overrides):
     return model.eval()
 
 
+def randomize_adapters(model, seed: int, scale: float):
+    """Random adapter tensors in place (a fresh adapter equals the base model, which hides mistakes)."""
+    from lora_gpt2.lora import lora_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def save_hf_model(model, directory) -> str:
     model.save_pretrained(directory)
     return str(directory)

@@ -11,7 +11,7 @@ from lora_gpt2.generate import SamplingConfig, generate
 from lora_gpt2.lora import lora_parameters
 from lora_gpt2.model import KVCache
 
-from helpers import make_hf_model, save_hf_model
+from helpers import make_hf_model, randomize_adapters, save_hf_model
 
 ADAPTERS = {  # different targets, ranks, scalings and blocks, so padding and missing layers show
     "attn": LoRAConfig(targets=("attn",), r=4, alpha=8.0),
@@ -27,11 +27,7 @@ def world(tmp_path_factory):
     singles, bank_model = {}, load_pretrained(path, lora=LoRAConfig(targets=())).eval()
     bank = AdapterBank(bank_model)
     for i, (name, config) in enumerate(ADAPTERS.items()):
-        model = load_pretrained(path, lora=config).eval()
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in lora_parameters(model).values():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model = randomize_adapters(load_pretrained(path, lora=config).eval(), seed=10 + i, scale=0.1)
         singles[name] = model
         bank.add(name, config, {k: v.detach().clone() for k, v in lora_parameters(model).items()})
     singles[None] = load_pretrained(path, lora=LoRAConfig(targets=())).eval()

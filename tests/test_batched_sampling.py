@@ -9,7 +9,7 @@ import torch
 from lora_gpt2 import load_pretrained
 from lora_gpt2.generate import GenerationSession, SamplingConfig
 
-from helpers import make_hf_model, save_hf_model
+from helpers import make_hf_model, randomize_adapters, save_hf_model
 
 PROMPT = [464, 2068, 7586, 21831]
 
@@ -101,15 +101,10 @@ def test_cli_refuses_a_seed_range_beyond_the_generator(tiny_checkpoint, cli):
 @pytest.fixture
 def adapted(tmp_path):
     from lora_gpt2.config import LoRAConfig
-    from lora_gpt2.lora import lora_parameters
 
     path = save_hf_model(make_hf_model(seed=5), tmp_path / "m")
     model = load_pretrained(path, lora=LoRAConfig(targets=("attn", "ffn", "lm_head"), r=4, alpha=8.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return randomize_adapters(model, seed=1, scale=0.05).eval()
 
 
 needs_packing = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing")

@@ -15,9 +15,8 @@ from lora_gpt2.adapters import read_adapter
 from lora_gpt2.bank import AdapterBank
 from lora_gpt2.config import LoRAConfig
 from lora_gpt2.generate import SamplingConfig, generate
-from lora_gpt2.lora import lora_parameters
 
-from helpers import cli_command, make_hf_model, save_hf_model, subprocess_env
+from helpers import cli_command, make_hf_model, randomize_adapters, save_hf_model, subprocess_env
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -34,11 +33,7 @@ def world(tmp_path_factory):
     base = save_hf_model(make_hf_model(seed=8, n_positions=512), root / "tiny-base")  # room for long requests
     singles = {None: load_pretrained(base, lora=LoRAConfig(targets=())).eval()}
     for i, (name, config) in enumerate(ADAPTERS.items()):
-        model = load_pretrained(base, lora=config).eval()
-        g = torch.Generator().manual_seed(20 + i)
-        with torch.no_grad():
-            for p in lora_parameters(model).values():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model = randomize_adapters(load_pretrained(base, lora=config).eval(), seed=20 + i, scale=0.1)
         checkpoint.save_checkpoint(root / "adapters" / name, model, None, step=1)
         singles[name] = model
     return base, root / "adapters", singles

@@ -15,7 +15,7 @@ from lora_gpt2.peft_io import export_peft
 from lora_gpt2.train_config import OptimSettings
 from lora_gpt2.training.optim import build_optimizer
 
-from helpers import make_hf_model, save_hf_model
+from helpers import make_hf_model, randomize_adapters, save_hf_model
 
 ATTN_FFN = ("qkv_projection", "output_projection", "linear_in", "linear_out")
 
@@ -27,12 +27,7 @@ def four_blocks(tmp_path_factory):
 
 
 def ours_with(path, lora, seed=0):
-    model = load_pretrained(path, lora=lora)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return randomize_adapters(load_pretrained(path, lora=lora), seed=seed, scale=0.05).eval()
 
 
 def as_peft(model, path, tmp_path, n_layer):
@@ -74,6 +69,22 @@ def test_rslora_scales_by_alpha_over_sqrt_r():
     assert layer.scaling == 1.0
 
 
+def agrees_with_peft_and_reads_back(ours, theirs, base, tmp_path):
+    """Logits within 1e-5, equal trainable counts, five AdamW steps within 1e-4; then the PEFT
+    folder (tmp_path / "peft") reads back into lora-gpt2 with the same logits. Its adapter info."""
+    with torch.no_grad():
+        before = ours(ids())
+        torch.testing.assert_close(before, theirs(ids()).logits, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    five_steps_agree(ours, theirs, torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3),
+                     torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3))
+    again, info = load_with_adapter(str(tmp_path / "peft"), model=base)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids()), before, rtol=0, atol=1e-5)
+    return info
+
+
 @pytest.mark.parametrize("lora", [
     LoRAConfig(targets=ATTN_FFN, r=4, alpha=8.0, rslora=True),
     LoRAConfig(targets=ATTN_FFN, r=4, alpha=8.0, layers="2-3"),
@@ -86,18 +97,8 @@ def test_variant_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_pat
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["use_rslora"] is lora.rslora
     assert config["layers_to_transform"] == (None if lora.layers is None else list(lora.blocks(4)))
-    with torch.no_grad():
-        before = ours(ids())
-        torch.testing.assert_close(before, theirs(ids()).logits, rtol=0, atol=1e-5)
-    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
-        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-    five_steps_agree(ours, theirs, torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3),
-                     torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3))
-    # and the PEFT folder reads back into lora-gpt2 with the same settings and logits
-    again, info = load_with_adapter(str(tmp_path / "peft"), model=four_blocks)
+    info = agrees_with_peft_and_reads_back(ours, theirs, four_blocks, tmp_path)
     assert (info.lora.rslora, info.lora.blocks(4)) == (lora.rslora, lora.blocks(4))
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids()), before, rtol=0, atol=1e-5)
 
 
 def test_lora_plus_equals_peft_create_loraplus_optimizer(four_blocks, tmp_path):
@@ -218,17 +219,7 @@ def test_dora_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_path, 
                 p.copy_(layer.norm() * (1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))))
     theirs = as_peft(ours, four_blocks, tmp_path, 4)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
-    with torch.no_grad():
-        before = ours(ids())
-        torch.testing.assert_close(before, theirs(ids()).logits, rtol=0, atol=1e-5)
-    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
-        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-    five_steps_agree(ours, theirs, torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3),
-                     torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3))
-    again, info = load_with_adapter(str(tmp_path / "peft"), model=four_blocks)
-    assert info.lora.dora
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids()), before, rtol=0, atol=1e-5)
+    assert agrees_with_peft_and_reads_back(ours, theirs, four_blocks, tmp_path).lora.dora
 
 
 def test_merged_dora_is_a_plain_transformers_model_with_the_same_logits(four_blocks, tmp_path):

@@ -113,9 +113,10 @@ class Trainer:
         if r.scaler is not None:
             r.scaler.unscale_(r.optimizer)
         params = [p for group in r.optimizer.param_groups for p in group["params"]]  # LoRA+: both groups
-        norm = grad_norm(params, r.device)  # before clipping: what the run is told
-        if r.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, r.config.optim.grad_clip)
+        if r.config.optim.grad_clip > 0:  # returns the norm before clipping: what the run is told
+            norm = torch.nn.utils.clip_grad_norm_(params, r.config.optim.grad_clip)
+        else:
+            norm = grad_norm(params, r.device)
         if r.scaler is not None:
             r.scaler.step(r.optimizer)
             r.scaler.update()

@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import checkpoint
 from ..atomic import remove_stale_temps, write_text
 from ..errors import CheckpointError, LoraGPT2Error, WriteError
+from .loggers import RUN_FILES
 from .subscribers import METRICS_FILE, PLOT_FILE
 
 LOCK_FILE = ".lock"
@@ -112,10 +113,13 @@ def existing_step(out: Path) -> int | None:
 
 def clear_orphans(out: Path) -> None:
     """A new run in a folder whose earlier run never checkpointed: its metrics and plot go."""
-    for name in (METRICS_FILE, PLOT_FILE, "wandb-run-id"):  # a new run is a new W&B run
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its event files would mix with the new run's
+    for name in (METRICS_FILE, PLOT_FILE, *RUN_FILES):  # the loggers' too: a new run is a new W&B run
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def read_run_config(out: Path) -> dict | None:

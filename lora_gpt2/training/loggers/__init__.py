@@ -29,6 +29,10 @@ LOGGERS = {
     "wandb": Logger("wandb_log", "WandbLog", "wandb", "wandb"),
 }
 
+TENSORBOARD_FOLDER = "tensorboard"  # RUN/tensorboard/
+WANDB_ID_FILE = "wandb-run-id"  # RUN/wandb-run-id: a resumed run continues the same W&B run
+RUN_FILES = (TENSORBOARD_FOLDER, WANDB_ID_FILE)  # what a new run in a dead run's folder removes
+
 # metrics.jsonl key -> the scalar's name in a logger (step and elapsed_s are the axes, not scalars)
 SCALARS = {
     "train_loss": "train/loss",

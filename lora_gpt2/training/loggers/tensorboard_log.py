@@ -8,9 +8,7 @@ from typing import Any
 
 from ...train_config import TrainConfig
 from ..events import Finished, Logged, Notice, Saved, Started, Subscriber
-from . import SCALARS
-
-FOLDER = "tensorboard"
+from . import SCALARS, TENSORBOARD_FOLDER
 
 
 def flat_hparams(config: TrainConfig) -> dict[str, Any]:
@@ -26,7 +24,7 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
 
 class TensorBoardLog(Subscriber):
     def __init__(self, config: TrainConfig, out: Path) -> None:
-        self.config, self.path = config, out / FOLDER
+        self.config, self.path = config, out / TENSORBOARD_FOLDER
         self.writer = None
         self.where = ""
 

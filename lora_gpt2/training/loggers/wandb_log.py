@@ -11,9 +11,8 @@ from pathlib import Path
 from ...atomic import write_text
 from ...train_config import TrainConfig
 from ..events import Finished, Logged, Started, Subscriber
-from . import SCALARS
+from . import SCALARS, WANDB_ID_FILE
 
-ID_FILE = "wandb-run-id"
 DEFAULT_PROJECT = "lora-gpt2"
 
 
@@ -24,9 +23,10 @@ class WandbLog(Subscriber):
         self.where = ""  # told once the run has started
 
     def _run_id(self) -> str:
-        path = self.out / ID_FILE
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+        path = self.out / WANDB_ID_FILE
+        saved = path.read_text().strip() if path.is_file() else ""
+        if saved:
+            return saved
         run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
         write_text(path, run_id + "\n")
         return run_id
