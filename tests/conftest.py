@@ -8,6 +8,8 @@ import pytest
 
 from helpers import SAMPLE_TEXT, make_hf_model, save_hf_model
 
+pytest_plugins = ["serving"]  # the serve tests' world and server fixtures
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

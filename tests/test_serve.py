@@ -2,7 +2,6 @@
 with the official `openai` client and raw HTTP, against a server on 127.0.0.1."""
 
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -10,75 +9,18 @@ import time
 import pytest
 import torch
 
-from lora_gpt2 import checkpoint, load_pretrained, tokenizer
-from lora_gpt2.adapters import read_adapter
-from lora_gpt2.bank import AdapterBank
-from lora_gpt2.config import LoRAConfig
-from lora_gpt2.generate import SamplingConfig, generate
+from lora_gpt2 import tokenizer
 
-from helpers import cli_command, make_hf_model, randomize_adapters, save_hf_model, subprocess_env
+from helpers import cli_command, subprocess_env
+from serving import KEY, free_port, greedy_text  # the world and server fixtures: tests/serving.py
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-
-KEY = "sk-test-key"
-ADAPTERS = {"poems": LoRAConfig(targets=("attn", "lm_head"), r=4, alpha=8.0),
-            "plays": LoRAConfig(targets=("ffn",), r=2, alpha=2.0)}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A base model folder, two adapter folders and each adapter's own model (the reference)."""
-    root = tmp_path_factory.mktemp("serve")
-    base = save_hf_model(make_hf_model(seed=8, n_positions=512), root / "tiny-base")  # room for long requests
-    singles = {None: load_pretrained(base, lora=LoRAConfig(targets=())).eval()}
-    for i, (name, config) in enumerate(ADAPTERS.items()):
-        model = randomize_adapters(load_pretrained(base, lora=config).eval(), seed=20 + i, scale=0.1)
-        checkpoint.save_checkpoint(root / "adapters" / name, model, None, step=1)
-        singles[name] = model
-    return base, root / "adapters", singles
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(world):
-    import uvicorn
-
-    from lora_gpt2.serve.app import ServeSettings, create_app
-    from lora_gpt2.serve.engine import Engine
-
-    base, adapters, _ = world
-    bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
-    for name in ADAPTERS:
-        bank.add_adapter(name, read_adapter(adapters / name))
-    engine = Engine(bank, max_batch=4).start()
-    port = free_port()
-    app = create_app(engine, ServeSettings("tiny-base", KEY))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
-    engine.stop()
 
 
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def greedy_text(singles, name, prompt, n):
-    ids = tokenizer.encode(prompt)
-    return tokenizer.decode(list(generate(singles[name], ids, SamplingConfig(max_new_tokens=n, temperature=0))))
 
 
 def test_models_lists_the_base_and_every_adapter(client):
@@ -249,7 +191,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
 
         def ask():
             result["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                                     json={"model": "poems", "prompt": "Hello", "max_tokens": 300, "temperature": 0})
+                                     json={"model": "poems", "prompt": "Hello", "max_tokens": 500, "temperature": 0})
 
         asker = threading.Thread(target=ask)
         asker.start()
@@ -258,13 +200,20 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
             assert time.time() < deadline and asker.is_alive(), "the request never became active"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
+        refused = None
+        while asker.is_alive() and refused is None:  # while draining, no new request is taken
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            except httpx.ConnectError:
+                refused = asker.is_alive()
         asker.join(60)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0, err
+    assert refused is True, "a new connection was still accepted while the last request drained"
     assert result["r"].status_code == 200
-    assert result["r"].json()["choices"][0]["text"] == greedy_text(singles, "poems", "Hello", 300)
+    assert result["r"].json()["choices"][0]["text"] == greedy_text(singles, "poems", "Hello", 500)
     assert "serving tiny-base + plays, poems on" in err and err.strip().endswith("stopped")
 
 

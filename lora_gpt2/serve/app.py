@@ -1,4 +1,5 @@
-"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), `/health`.
+"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), `/health`,
+and the playground page at `/`.
 
 Every request is checked before it reaches the engine; every error is OpenAI's JSON shape with
 its status. A streamed request whose client goes away is cancelled, freeing its batch slot.
@@ -12,10 +13,11 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request  # the serve extra; this module is imported only by `serve`
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import tokenizer
 from ..generate import SamplingConfig
@@ -30,6 +32,7 @@ MAX_BODY_BYTES = 1 << 20  # a 1 MB request body is far beyond any GPT-2 prompt
 class ServeSettings:
     base_name: str  # what /v1/models calls the base model
     api_key: str | None = None
+    body_timeout_s: float = 30.0  # a body trickled slower than this is refused (408): a slow client's slot frees
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -54,6 +57,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     def names() -> list[str]:
         return [settings.base_name] + [n for n in engine.bank.names if n is not None]
 
+    page = resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():  # static and secret-free: the page asks for the key itself when one is needed
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "active_requests": engine.active}
@@ -67,7 +76,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        body = await _read_json(request)
+        try:
+            body = await asyncio.wait_for(_read_json(request), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body took more than {settings.body_timeout_s:g} s to arrive",
+                           code="request_timeout") from None
         c = parse_completion(body, model.config.vocab_size)
         if c.model not in names():
             raise ApiError(404, f"the model {c.model!r} does not exist; served: {', '.join(names())}",
@@ -180,10 +193,14 @@ class _Run:
         return {**self._chunk(choices), "usage": self._usage()}
 
     async def stream(self) -> AsyncIterator[str]:
+        usage = {"usage": None} if self.c.include_usage else {}
         try:
             async for index, piece, reason in self.events():
-                choice = {"text": piece, "index": index, "finish_reason": reason, "logprobs": None}
-                yield f"data: {json.dumps(self._chunk([choice]))}\n\n"
+                logprobs = self.logprobs[index].take() if self.c.logprobs is not None else None
+                choice = {"text": piece, "index": index, "finish_reason": reason, "logprobs": logprobs}
+                yield f"data: {json.dumps({**self._chunk([choice]), **usage})}\n\n"
+            if self.c.include_usage:  # OpenAI's stream_options: one last chunk, no choices, the counts
+                yield f"data: {json.dumps({**self._chunk([]), 'usage': self._usage()})}\n\n"
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         yield "data: [DONE]\n\n"
@@ -198,6 +215,7 @@ class _Logprobs:
         self.top: list[dict[str, float]] = []
         self.offsets: list[int] = []
         self._offset = 0
+        self._taken = 0  # entries already sent in a streamed chunk
 
     def add(self, token: int, lp: float | None, top: dict[int, float] | None) -> None:
         if lp is None:
@@ -211,6 +229,11 @@ class _Logprobs:
         self.offsets.append(self._offset)
         self._offset += len(text)
 
-    def body(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
+    def body(self, start: int = 0) -> dict[str, Any]:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
+
+    def take(self) -> dict[str, Any]:
+        """The tokens since the last streamed chunk (held-back text carries its tokens to the chunk that shows it)."""
+        start, self._taken = self._taken, len(self.tokens)
+        return self.body(start)

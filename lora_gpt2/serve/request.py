@@ -38,6 +38,7 @@ class Completion:
     seed: int | None
     stream: bool
     logprobs: int | None
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -98,6 +99,7 @@ def parse_completion(body: Any, vocab_size: int) -> Completion:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", f"must be true or false, got {stream!r}")
+    include_usage = _stream_options(body.get("stream_options"), stream)
     for key, default in UNSUPPORTED.items():
         value = body.get(key)
         if value is not None and value != default and value != {}:
@@ -116,4 +118,18 @@ def parse_completion(body: Any, vocab_size: int) -> Completion:
         seed=_integer(body, "seed", None, 0, 2**62),
         stream=stream,
         logprobs=_integer(body, "logprobs", None, 0, MAX_LOGPROBS),
+        include_usage=include_usage,
     )
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise _bad("stream_options", "is only allowed with stream: true")
+    if not isinstance(value, dict) or set(value) - {"include_usage"}:
+        raise _bad("stream_options", f"must be an object with only include_usage, got {value!r}")
+    include = value.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise _bad("stream_options", f"include_usage must be true or false, got {include!r}")
+    return include
