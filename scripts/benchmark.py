@@ -36,7 +36,10 @@ SIZES = {  # GPT-2 family shapes (n_layer, n_head, n_embd)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from benchmark_workers import WORKERS  # noqa: E402  (the script's folder is on sys.path)
+import benchmark_serve  # noqa: E402  (the script's folder is on sys.path)
+from benchmark_workers import WORKERS as _WORKERS  # noqa: E402
+
+WORKERS = {**_WORKERS, **benchmark_serve.WORKERS}
 
 # ---------------------------------------------------------------- the parent: plan, run, report
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
@@ -44,7 +47,7 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's trai
 
 def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None,
           variant: str = "lora", grad_ckpt: bool = False, samples: int = 1, env: dict | None = None,
-          **shape) -> dict:
+          adapters: str = "", **shape) -> dict:
     """One measurement in a fresh process; `shape` overrides batch_size, block_size, steps, warmup
     or memory_cap_mb for it."""
     s = {k: shape.get(k, getattr(args, k)) for k in ("batch_size", "block_size", "steps", "warmup", "memory_cap_mb")}
@@ -54,7 +57,8 @@ def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str
            "--block-size", str(s["block_size"]), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
            "--spawned-at", repr(time.time()), "--samples", str(samples),
            "--memory-cap-mb", str(s["memory_cap_mb"] or 0)] + (["--compile"] if args.compile else []) + \
-        (["--layers", layers] if layers else []) + ["--variant", variant] + (["--grad-ckpt"] if grad_ckpt else [])
+        (["--layers", layers] if layers else []) + ["--variant", variant] + (["--grad-ckpt"] if grad_ckpt else []) + \
+        (["--adapters", adapters] if adapters else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
            **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -86,7 +90,8 @@ def model_bytes(size: str, dtype: str) -> float:
     return params * (2 if dtype == "bfloat16" else 4)
 
 
-SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples", "profile")
+SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples", "profile",
+            "serve")
 
 
 def run(args) -> dict:
@@ -161,6 +166,8 @@ def run(args) -> dict:
             results[f"profile_{dtype}"] = got = spawn(args, "profile", "lora-gpt2", dtype)
             print(f"  profile {dtype}: {got}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
+    if "serve" in only:  # lora-gpt2 serve under concurrent clients over 4 adapters (benchmark_serve.py)
+        results.update(benchmark_serve.run(args, spawn))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
     derived = results["derived"] = {"flops_per_token": flops}
@@ -240,7 +247,8 @@ def table(results: dict) -> str:
                      f"{last['tokens_per_s']:,.0f} vs "
                      f"{every['tokens_per_s']:,.0f} tokens/s ({last['tokens_per_s'] / every['tokens_per_s']:.2f}×), "
                      f"peak memory {last['peak_mb']:,.0f} vs {every['peak_mb']:,.0f} MB")
-    lines += _checkpointing_lines(results) + _samples_lines(results) + _profile_lines(results)
+    lines += _checkpointing_lines(results) + _samples_lines(results) + _profile_lines(results) + \
+        benchmark_serve.lines(results)
     return "\n".join(lines)
 
 
@@ -319,6 +327,7 @@ def parse(argv=None):
     p.add_argument("--samples", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--layers", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="lora", help=argparse.SUPPRESS)
+    p.add_argument("--adapters", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--system", default="", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

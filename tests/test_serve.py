@@ -222,3 +222,15 @@ def test_serve_refuses_bad_adapter_specs(cli, tmp_path):
     assert code == 1 and err.strip() == "lora-gpt2: error: --adapter must be NAME=PATH, got 'poems'"
     code, _, err = cli("serve", "--adapters", str(tmp_path / "none"))
     assert code == 1 and "is not a folder" in err
+
+
+def test_a_taken_port_is_one_line_before_anything_loads(cli):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        # the model does not exist either: the port is checked first, so nothing is loaded in vain
+        code, _, err = cli("serve", "--model", "/no/such/model", "--port", str(port))
+    assert code == 1 and err.strip() == f"lora-gpt2: error: cannot serve on 127.0.0.1:{port}: Address already in use"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +59,13 @@ def serve_cmd(
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise ValueError(f"serve needs FastAPI and uvicorn: {SERVE_HINT}")
     named = _named(adapter or [], adapters)
+    with _bind(host, port) as sock:  # before loading anything: a taken port is known at once
+        bank, base_name = _load(model, named, dtype, device, force)
+        _run(bank, base_name, sock, api_key, max_batch)
+
+
+def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, force: bool):
+    """The base model, packed for decoding, and a bank holding every named adapter."""
     from ..adapters import read_adapter
     from ..bank import AdapterBank
     from ..config import LoRAConfig
@@ -76,27 +85,64 @@ def serve_cmd(
         raise ValueError(f"adapter name {base_name!r} is the base model's name; choose another")
     for name, found in read.items():
         bank.add_adapter(name, found, force=force)
-    _run(bank, base_name, host, port, api_key, max_batch)
+    return bank, base_name
 
 
-def _run(bank, base_name: str, host: str, port: int, api_key: str | None, max_batch: int) -> None:
+def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int) -> None:
+    import threading
+
     import uvicorn
 
     from ..serve.app import ServeSettings, create_app
     from ..serve.engine import Engine
 
-    engine = Engine(bank, max_batch).start()
+    engine = Engine(bank, max_batch)
+    host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings(base_name, api_key)), host=host,
                                            port=port, log_level="warning", timeout_graceful_shutdown=30))
-    served = ", ".join(n for n in bank.names if n) or "no adapters"
-    say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
-        "in-flight requests finish)")
-    # uvicorn catches SIGINT/SIGTERM to drain, then passes them on: here they end nothing more
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed: list[BaseException] = []
+
+    def http() -> None:  # uvicorn on its own thread; decoding stays on this one, which loaded the model
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # noqa: BLE001 - e.g. the port is taken: reported below
+            failed.append(exc)
+        finally:
+            engine.stop()
+
+    def drain(*_) -> None:  # stop accepting, let in-flight requests finish (uvicorn's graceful shutdown)
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, drain) for s in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="lora-gpt2-http", daemon=True)
+    thread.start()
     try:
-        server.run()
+        while not server.started and thread.is_alive():
+            time.sleep(0.02)
+        if server.started:
+            served = ", ".join(n for n in bank.names if n) or "no adapters"
+            say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
+                "in-flight requests finish)")
+            engine.run()
+        thread.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        engine.stop()
+    if failed or not server.started:
+        raise ValueError(f"the server on {host}:{port} failed: {failed[0] if failed else 'it did not start'}")
     say("stopped")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, made here so that a taken port or a wrong address is one clear line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

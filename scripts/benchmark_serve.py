@@ -1,0 +1,230 @@
+"""The serving figures of scripts/benchmark.py (`--only serve`).
+
+`lora-gpt2 serve` runs as users run it (its own process, HTTP on 127.0.0.1) over 4 adapters; 16
+streamed greedy requests, spread over the adapters, are sent by 1, 4 and 16 concurrent clients.
+1 client is the same requests served one at a time. Reported: total generated tokens/s, latency
+p50 / p99, time to first token, and the server's memory with 0 and with 4 adapters. Beside it,
+transformers + PEFT decode the same 16 requests with the same adapters (no server): one at a
+time with `set_adapter`, and as one mixed-adapter batch (`generate(adapter_names=...)`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ADAPTERS = 4
+REQUESTS = 16
+CLIENTS = (1, 4, 16)
+PROMPT_TOKENS = 16
+NEW_TOKENS = 64
+
+
+def prompts(args) -> list[list[int]]:
+    """16 windows of Tiny Shakespeare's validation text, one per request."""
+    from lora_gpt2.data import ensure_prepared, open_tokens
+
+    val = open_tokens(ensure_prepared(args.data).val)
+    return [[int(t) for t in val[i * 97: i * 97 + PROMPT_TOKENS]] for i in range(REQUESTS)]
+
+
+def make_adapters(args, folder: Path) -> list[str]:
+    """4 PEFT LoRA adapters on c_attn with random B (a fresh B is zero: every adapter would equal
+    the base), saved as PEFT saves them: both systems read the same files."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    names = [f"adapter{i}" for i in range(ADAPTERS)]
+    for i, name in enumerate(names):
+        torch.manual_seed(100 + i)
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(args.checkpoint),
+                               LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
+                                          fan_in_fan_out=True))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        model.save_pretrained(folder / name)
+    return names
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`lora-gpt2 serve` in its own process."""
+
+    def __init__(self, args, adapters: Path | None) -> None:
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "lora_gpt2", "serve", "--model", str(args.checkpoint), "--port", str(self.port),
+               "--device", args.device, "--dtype", "float32", "--max-batch", str(REQUESTS)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(cmd + (["--adapters", str(adapters)] if adapters else []),
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"lora-gpt2 serve failed to start:\n{self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise SystemExit("lora-gpt2 serve did not answer within 300 s")
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.communicate(timeout=60)
+
+
+def ask(url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed greedy request: its latency, time to first token and generated tokens."""
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk["choices"] and first is None:
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"latency_s": time.perf_counter() - start, "first_token_s": first, "tokens": tokens}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]  # nearest rank
+
+
+def load(url: str, names: list[str], prompt_list: list[list[int]], clients: int) -> dict:
+    jobs = [(names[i % len(names)], p) for i, p in enumerate(prompt_list)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(lambda job: ask(url, job[0], job[1], NEW_TOKENS), jobs))
+    wall = time.perf_counter() - start
+    latencies = [d["latency_s"] for d in done]
+    return {"clients": clients, "tokens": sum(d["tokens"] for d in done), "wall_s": wall,
+            "tokens_per_s": sum(d["tokens"] for d in done) / wall,
+            "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+            "first_token_p50_s": percentile([d["first_token_s"] for d in done], 50)}
+
+
+def run(args, spawn) -> dict:
+    """Everything for `--only serve`; `spawn` runs the PEFT worker in its own process."""
+    import tempfile
+
+    results: dict = {}
+    prompt_list = prompts(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapters"
+        names = make_adapters(args, folder)
+        bare = Server(args, None)  # the base model alone: what each adapter adds is measured against it
+        try:
+            ask(bare.url, Path(args.checkpoint).name, prompt_list[0], 8)
+            results["serve_rss_0_mb"] = bare.rss_mb()
+        finally:
+            bare.stop()
+        server = Server(args, folder)
+        try:
+            for name in names:  # warm-up: one short request per adapter
+                ask(server.url, name, prompt_list[0], 8)
+            results["serve_rss_4_mb"] = server.rss_mb()
+            for clients in CLIENTS:
+                for _ in range(args.repeats):  # best round of each
+                    got = load(server.url, names, prompt_list, clients)
+                    print(f"  serve {clients} clients: {got}", file=sys.stderr)
+                    best = results.get(f"serve_{clients}")
+                    if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
+                        results[f"serve_{clients}"] = got
+        finally:
+            server.stop()
+        results["serve_adapter_mb"] = sum(f.stat().st_size for f in (folder / names[0]).glob("*.safetensors")) / 2**20
+        results["serve_peft"] = got = spawn(args, "serve_peft", "peft", adapters=str(folder))
+        print(f"  serve peft: {got}", file=sys.stderr)
+    return results
+
+
+def worker_serve_peft(args) -> dict:
+    """transformers + PEFT, the same 16 requests and adapters: one at a time, then one mixed batch."""
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(args.adapters)
+    names = sorted(p.name for p in folder.iterdir())
+    model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(args.checkpoint), folder / names[0],
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folder / name, adapter_name=name)
+    model.eval()
+    prompt_list = prompts(args)
+    rows = [names[i % len(names)] for i in range(len(prompt_list))]
+
+    def generate(ids, **kw) -> int:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kw)
+        return (out.size(1) - ids.size(1)) * out.size(0)
+
+    model.set_adapter(names[0])
+    generate(torch.tensor([prompt_list[0]]))  # warm-up
+    start, made = time.perf_counter(), 0
+    for name, prompt in zip(rows, prompt_list):
+        model.set_adapter(name)
+        made += generate(torch.tensor([prompt]))
+    one = made / (time.perf_counter() - start)
+    start = time.perf_counter()  # every prompt has PROMPT_TOKENS tokens: no padding needed
+    made = generate(torch.tensor(prompt_list), adapter_names=rows)
+    batch = made / (time.perf_counter() - start)
+    return {"one_at_a_time_tokens_per_s": one, "mixed_batch_tokens_per_s": batch}
+
+
+WORKERS = {"serve_peft": worker_serve_peft}
+
+
+def lines(results: dict) -> list[str]:
+    if "serve_1" not in results:
+        return []
+    one = results["serve_1"]["tokens_per_s"]
+    out = ["", f"serving: `lora-gpt2 serve` over HTTP, {REQUESTS} streamed greedy requests ({PROMPT_TOKENS} prompt + "
+               f"{NEW_TOKENS} new tokens) spread over {ADAPTERS} adapters, 1 client = one at a time:", "",
+           "| clients | tokens/s | vs one at a time | latency p50 s | latency p99 s | first token p50 s |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for clients in CLIENTS:
+        r = results[f"serve_{clients}"]
+        out.append(f"| {clients} | {r['tokens_per_s']:,.1f} | {r['tokens_per_s'] / one:.2f}× | {r['p50_s']:.2f} | "
+                   f"{r['p99_s']:.2f} | {r['first_token_p50_s']:.3f} |")
+    peft = results["serve_peft"]
+    per_adapter = (results["serve_rss_4_mb"] - results["serve_rss_0_mb"]) / ADAPTERS
+    out += ["", f"transformers + PEFT, the same requests and adapters, no server: one at a time "
+                f"{peft['one_at_a_time_tokens_per_s']:,.1f} tokens/s; as one mixed-adapter batch (adapter_names) "
+                f"{peft['mixed_batch_tokens_per_s']:,.1f} tokens/s",
+            f"server memory (RSS after warm-up): {results['serve_rss_0_mb']:,.0f} MB with no adapter, "
+            f"{results['serve_rss_4_mb']:,.0f} MB with {ADAPTERS}: {per_adapter:,.1f} MB per adapter "
+            f"(its tensors: {results['serve_adapter_mb']:,.2f} MB)"]
+    return out
