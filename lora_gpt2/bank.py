@@ -25,6 +25,14 @@ from .errors import CheckpointError
 from .model import GPT2
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Which adapter each row of the next forward uses: indices into the stacks, and as a key."""
+
+    index: torch.Tensor  # (B,)
+    key: tuple[int, ...]
+
+
 @dataclass
 class _Stack:
     """One module's adapters: a (n, r, in), b (n, out, r), scaling (n,); row 0 adds nothing."""
@@ -32,6 +40,14 @@ class _Stack:
     a: torch.Tensor
     b: torch.Tensor
     scaling: torch.Tensor
+    # the last rows' gathered (a, b, scaling): decoding steps repeat one batch's rows until a
+    # request joins or leaves, so each module gathers once per change, not once per step
+    gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def rows(self, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.gathered is None or self.gathered[0] != rows.key:
+            self.gathered = (rows.key, self.a[rows.index], self.b[rows.index], self.scaling[rows.index])
+        return self.gathered[1:]
 
     def grow(self, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         n, r, fan_in = self.a.shape
@@ -46,6 +62,7 @@ class _Stack:
             new_b[0, :, : b.size(1)] = b
         self.a = torch.cat([self.a, new_a])
         self.b = torch.cat([self.b, new_b])
+        self.gathered = None
         self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if a is not None else 0.0])])
 
 
@@ -59,7 +76,7 @@ class AdapterBank:
         self.model = model
         self.names: list[str | None] = [None]
         self.stacks: dict[str, _Stack] = {}
-        self._rows: torch.Tensor | None = None
+        self._rows: _Rows | None = None
         self._dtype = model.frozen_dtype()
         self._device = model.token_embedding.weight.device
 
@@ -116,7 +133,7 @@ class AdapterBank:
         stack = self.stacks[path]
         module.extra = lambda x: kind(stack, self._active_rows(), x)
 
-    def _active_rows(self) -> torch.Tensor | None:
+    def _active_rows(self) -> _Rows | None:
         return self._rows
 
     @contextlib.contextmanager
@@ -125,27 +142,30 @@ class AdapterBank:
         unknown = [n for n in names if n not in self.names]
         if unknown:
             raise ValueError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(n for n in self.names if n)}")
-        self._rows = torch.tensor([self.names.index(n) for n in names], device=self._device)
+        key = tuple(self.names.index(n) for n in names)
+        # every row the base model: no update to add anywhere
+        self._rows = _Rows(torch.tensor(key, device=self._device), key) if any(key) else None
         try:
             yield
         finally:
             self._rows = None
 
 
-def _linear_update(stack: _Stack, rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+def _linear_update(stack: _Stack, rows: _Rows | None, x: torch.Tensor) -> torch.Tensor | None:
     """Row i's scaling * x_i A_i^T B_i^T, for x (B, T, in)."""
     if rows is None:
         return None
-    a, b = stack.a[rows].to(x.dtype), stack.b[rows].to(x.dtype)  # (B, r, in), (B, out, r)
+    a, b, scaling = (t.to(x.dtype) for t in stack.rows(rows))  # (B, r, in), (B, out, r), (B,)
     low = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
-    return torch.bmm(low, b.transpose(1, 2)) * stack.scaling[rows].to(x.dtype)[:, None, None]
+    return torch.bmm(low, b.transpose(1, 2)) * scaling[:, None, None]
 
 
-def _embedding_update(stack: _Stack, rows: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+def _embedding_update(stack: _Stack, rows: _Rows | None, ids: torch.Tensor) -> torch.Tensor | None:
     """Row i's scaling * A_i^T[ids_i] B_i^T, for ids (B, T), or positions (T,) shared by every row."""
     if rows is None:
         return None
     if ids.dim() == 1:
-        ids = ids.expand(rows.numel(), -1)
-    low = stack.a[rows[:, None], :, ids]  # (B, T, r): column ids[i, t] of A_i
-    return torch.bmm(low, stack.b[rows].transpose(1, 2)) * stack.scaling[rows][:, None, None]
+        ids = ids.expand(rows.index.numel(), -1)
+    low = stack.a[rows.index[:, None], :, ids]  # (B, T, r): column ids[i, t] of A_i
+    _, b, scaling = stack.rows(rows)
+    return torch.bmm(low, b.transpose(1, 2)) * scaling[:, None, None]
