@@ -94,7 +94,7 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight += self.delta_weight().to(self.weight.dtype)
         self.merged = True
-        self.packed = None  # a packed copy is of the old weight
+        self.packed = self.folded = None  # a packed copy is of the old weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -102,7 +102,7 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight -= self.delta_weight().to(self.weight.dtype)
         self.merged = False
-        self.packed = None
+        self.packed = self.folded = None
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a": self.lora_a, "lora_b": self.lora_b}
@@ -203,7 +203,33 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         """The update folded into `weight` by merge: (out, in)."""
         return (self.lora_b @ self.lora_a) * self.scaling
 
+    # The update's tensors as they were when `pack` folded them into the packed copy (their
+    # version counters), or None when the packed copy, if any, is of the frozen weight alone.
+    folded: tuple[int, int] | None = None
+
+    def pack(self) -> bool:
+        """The decode-time copy holds W + scaling·B·A, so decoding makes one product per token,
+        not three (the copy is made anyway; folding costs no memory). Used only while the layer
+        is active and unmerged and its A and B are unchanged since; otherwise forward computes
+        as in training, from the weight itself."""
+        self.folded = None
+        if self.merged or not self.active or self.weight.device.type != "cpu":
+            return super().pack()
+        with torch.no_grad():
+            self.packed = packing.pack(self.weight + self.delta_weight().to(self.weight.dtype))
+        if self.packed is not None:
+            self.folded = (self.lora_a._version, self.lora_b._version)
+        return self.packed is not None
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:  # the packed copy holds the update too: not the frozen product
+            return F.linear(x, self.weight, self.bias)
+        return super().frozen_product(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.folded is not None and self.active and not self.merged and packing.usable(self.packed, x)
+                and self.folded == (self.lora_a._version, self.lora_b._version)):
+            return packing.linear(x, self.packed, self.bias)
         out = self.frozen_product(x)
         if self.merged or not self.active:
             return out

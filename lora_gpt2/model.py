@@ -326,6 +326,8 @@ class GPT2(nn.Module):
         for m in self.modules():
             if isinstance(m, lora.FrozenLinear):
                 m.packed = None
+                if isinstance(m, lora.Linear):
+                    m.folded = None
 
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():

@@ -165,6 +165,8 @@ def run(args) -> dict:
         for dtype in ("float32", "bfloat16") if results["machine"]["native_bf16"] else ("float32",):
             results[f"profile_{dtype}"] = got = spawn(args, "profile", "lora-gpt2", dtype)
             print(f"  profile {dtype}: {got}", file=sys.stderr)
+        results["profile_decode"] = got = spawn(args, "decode_profile", "lora-gpt2")
+        print(f"  profile decode: {got}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
     if "serve" in only:  # lora-gpt2 serve under concurrent clients over 4 adapters (benchmark_serve.py)
         results.update(benchmark_serve.run(args, spawn))
@@ -300,6 +302,15 @@ def _profile_lines(results: dict) -> list[str]:
         wall, parts = got["wall_ms_per_step"], got["ms_per_step"]
         shares = ", ".join(f"{kind} {100 * ms / wall:.0f}%" for kind, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
         lines += ["", f"lora-gpt2 training step, {dtype}, {wall:,.0f} ms (PyTorch profiler, ops' own time): {shares}"]
+    got = results.get("profile_decode")
+    if got is not None:
+        wall, parts = got["profiled_ms_per_token"], got["ms_per_token_by_kind"]
+        shares = ", ".join(f"{kind} {100 * ms / wall:.0f}%" for kind, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
+        weights = model_bytes(results["config"]["size"], "float32")
+        lines += ["", f"lora-gpt2 batch-1 greedy decoding, float32: {got['ms_per_token']:.1f} ms per token "
+                      f"({1000 / got['ms_per_token']:.1f} tokens/s; {wall:.1f} ms under the profiler): {shares}; "
+                      f"the matmuls read the weights at {weights / (parts['matmuls'] / 1000) / 1e9:.1f} GB/s "
+                      f"(copy bandwidth {results['machine']['bandwidth_gbs']:.1f} GB/s)"]
     return lines
 
 

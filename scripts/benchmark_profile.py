@@ -53,3 +53,48 @@ def worker_profile(args) -> dict:
     by_kind = {k: v / steps for k, v in by_kind.items()}
     by_kind["Python and waiting (wall time no op accounts for)"] = max(0.0, wall_ms - sum(by_kind.values()))
     return {"wall_ms_per_step": wall_ms, "ms_per_step": by_kind, "dtype": args.dtype}
+
+
+DECODE_KINDS = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("layer norms", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("sampling", ("argmax", "topk", "softmax", "multinomial", "isfinite", "aten::all")),
+    ("KV cache writes, views, copies", ("copy_", "slice", "select", "view", "transpose", "as_strided", "split",
+                                        "reshape", "aten::cat", "aten::empty", "aten::to")),
+)
+
+
+def worker_decode_profile(args) -> dict:
+    """Batch-1 greedy decoding through a generation session (as `generate` runs), unprofiled for
+    its speed, then under the profiler for where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_gpt2 import load_pretrained
+    from lora_gpt2.generate import GenerationSession, SamplingConfig
+
+    session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
+                                                device=args.device).eval())
+    prompt, n = list(range(100, 116)), 64
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0)
+
+    def run() -> None:
+        "".join(session.stream(prompt, cfg))
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        best = min(best, (time.perf_counter() - start) * 1000 / n)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run()
+        profiled_ms = (time.perf_counter() - start) * 1000 / n
+    by_kind: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = next((k for k, parts in DECODE_KINDS if any(p in event.key for p in parts)), "other ops")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1000 / n
+    by_kind["Python and waiting"] = max(0.0, profiled_ms - sum(by_kind.values()))
+    return {"ms_per_token": best, "profiled_ms_per_token": profiled_ms, "ms_per_token_by_kind": by_kind}

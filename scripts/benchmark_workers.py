@@ -355,7 +355,7 @@ def _cpu_model() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-from benchmark_profile import worker_profile  # noqa: E402  (the scripts folder is on sys.path)
+from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402  (the scripts folder is on sys.path)
 
-WORKERS = {"profile": worker_profile, "train": worker_train, "generate": worker_generate, "startup": worker_startup, "samples": worker_samples,
+WORKERS = {"profile": worker_profile, "decode_profile": worker_decode_profile, "train": worker_train, "generate": worker_generate, "startup": worker_startup, "samples": worker_samples,
            "machine": worker_machine, "examples": worker_examples, "prepare": worker_prepare}

@@ -121,6 +121,37 @@ def test_packed_decoding_weights_give_the_same_logits(adapted):
 
 
 @needs_packing
+def test_decoding_folds_each_update_into_its_packed_copy_and_notices_changes(adapted):
+    """While decoding, an adapted layer is one product with W + s·B·A; changed adapter tensors, a
+    disabled adapter or a merge go back to the exact unfolded forward."""
+    ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(4))
+    layer = adapted.blocks[0].attn.qkv_projection
+    x = torch.randn(2, 7, layer.in_features)
+    with torch.inference_mode():
+        plain, plain_layer = adapted(ids), layer(x)
+        adapted.pack_for_decoding()
+        assert all(m.folded is not None for m in adapted.lora_layers().values())
+        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], ""))
+        torch.testing.assert_close(layer(x), plain_layer, rtol=0, atol=2e-5)
+        torch.testing.assert_close(adapted(ids), plain, rtol=0, atol=2e-5)
+        with adapted.lora_disabled():  # the base model: the folded copy must not be read
+            base = adapted(ids)
+    adapted.unpack()
+    with torch.inference_mode(), adapted.lora_disabled():
+        torch.testing.assert_close(base, adapted(ids), rtol=0, atol=0)
+    adapted.pack_for_decoding()
+    with torch.no_grad():  # new adapter values after packing (e.g. another adapter loaded in place)
+        for m in adapted.lora_layers().values():
+            m.lora_b.mul_(-2.0)
+    with torch.inference_mode():
+        changed = adapted(ids)
+    adapted.unpack()
+    with torch.inference_mode():
+        torch.testing.assert_close(changed, adapted(ids), rtol=0, atol=0)  # computed unfolded, exactly
+        assert (changed - plain).abs().max() > 1e-2
+
+
+@needs_packing
 def test_training_and_merging_never_read_a_packed_copy(adapted):
     ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
