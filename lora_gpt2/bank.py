@@ -83,6 +83,11 @@ class AdapterBank:
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the adapters take: every stack's A, B and scalings (row 0, the base, included)."""
+        return sum(t.numel() * t.element_size() for st in self.stacks.values() for t in (st.a, st.b, st.scaling))
+
     def add(self, name: str, config: LoRAConfig, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Add an adapter: its LoRA settings and tensors, named as `lora_parameters` names them."""
         where = source or name

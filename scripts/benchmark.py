@@ -307,9 +307,10 @@ def _profile_lines(results: dict) -> list[str]:
         wall, parts = got["profiled_ms_per_token"], got["ms_per_token_by_kind"]
         shares = ", ".join(f"{kind} {100 * ms / wall:.0f}%" for kind, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
         weights = model_bytes(results["config"]["size"], "float32")
+        matmul_s = parts["matmuls"] / wall * got["ms_per_token"] / 1000  # the profiled share of the unprofiled time
         lines += ["", f"lora-gpt2 batch-1 greedy decoding, float32: {got['ms_per_token']:.1f} ms per token "
                       f"({1000 / got['ms_per_token']:.1f} tokens/s; {wall:.1f} ms under the profiler): {shares}; "
-                      f"the matmuls read the weights at {weights / (parts['matmuls'] / 1000) / 1e9:.1f} GB/s "
+                      f"the matmuls read the weights at about {weights / matmul_s / 1e9:.1f} GB/s "
                       f"(copy bandwidth {results['machine']['bandwidth_gbs']:.1f} GB/s)"]
     return lines
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ADAPTERS = 4
+MANY = 32  # adapters in the memory measurement: their cost must stand out of RSS noise
 REQUESTS = 16
 CLIENTS = (1, 4, 16)
 PROMPT_TOKENS = 16
@@ -138,6 +140,8 @@ def run(args, spawn) -> dict:
     """Everything for `--only serve`; `spawn` runs the PEFT worker in its own process."""
     import tempfile
 
+    import httpx
+
     results: dict = {}
     prompt_list = prompts(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +168,16 @@ def run(args, spawn) -> dict:
         finally:
             server.stop()
         results["serve_adapter_mb"] = sum(f.stat().st_size for f in (folder / names[0]).glob("*.safetensors")) / 2**20
+        many = Path(tmp) / "many"  # copies of the 4: each is its own tensors in the server
+        for i in range(MANY):
+            shutil.copytree(folder / names[i % ADAPTERS], many / f"copy{i}")
+        server = Server(args, many)
+        try:
+            ask(server.url, "copy0", prompt_list[0], 8)
+            results["serve_rss_many_mb"] = server.rss_mb()
+            results["serve_bank_many_mb"] = httpx.get(server.url + "/health", timeout=10).json()["adapter_bytes"] / 2**20
+        finally:
+            server.stop()
         results["serve_peft"] = got = spawn(args, "serve_peft", "peft", adapters=str(folder))
         print(f"  serve peft: {got}", file=sys.stderr)
     return results
@@ -220,11 +234,12 @@ def lines(results: dict) -> list[str]:
         out.append(f"| {clients} | {r['tokens_per_s']:,.1f} | {r['tokens_per_s'] / one:.2f}× | {r['p50_s']:.2f} | "
                    f"{r['p99_s']:.2f} | {r['first_token_p50_s']:.3f} |")
     peft = results["serve_peft"]
-    per_adapter = (results["serve_rss_4_mb"] - results["serve_rss_0_mb"]) / ADAPTERS
+    per_adapter = results["serve_bank_many_mb"] / MANY
     out += ["", f"transformers + PEFT, the same requests and adapters, no server: one at a time "
                 f"{peft['one_at_a_time_tokens_per_s']:,.1f} tokens/s; as one mixed-adapter batch (adapter_names) "
                 f"{peft['mixed_batch_tokens_per_s']:,.1f} tokens/s",
-            f"server memory (RSS after warm-up): {results['serve_rss_0_mb']:,.0f} MB with no adapter, "
-            f"{results['serve_rss_4_mb']:,.0f} MB with {ADAPTERS}: {per_adapter:,.1f} MB per adapter "
-            f"(its tensors: {results['serve_adapter_mb']:,.2f} MB)"]
+            f"memory per adapter: {per_adapter:,.2f} MB in the server's bank with {MANY} adapters (/health's "
+            f"adapter_bytes; each adapter's own tensors: {results['serve_adapter_mb']:,.2f} MB); server RSS after one "
+            f"request {results['serve_rss_0_mb']:,.0f} MB with no adapter, {results['serve_rss_4_mb']:,.0f} MB with "
+            f"{ADAPTERS}, {results['serve_rss_many_mb']:,.0f} MB with {MANY}"]
     return out

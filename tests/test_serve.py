@@ -27,6 +27,21 @@ def test_models_lists_the_base_and_every_adapter(client):
     assert [m.id for m in client.models.list().data] == ["tiny-base", "poems", "plays"]
 
 
+def test_health_counts_the_adapters_and_their_memory(server, world):
+    import httpx
+
+    from lora_gpt2.lora import lora_parameters
+
+    _, _, singles = world
+    health = httpx.get(server[0] + "/health", timeout=10).json()  # no key needed: for load balancers
+    own = {n: sum(p.numel() * 4 for p in lora_parameters(singles[n]).values()) for n in ("poems", "plays")}
+    assert health["status"] == "ok" and health["adapters"] == 2
+    # The two adapters target different modules, so each module's stack holds 3 rows (the base's,
+    # then each adapter's, zero where it has nothing there) and one float32 scaling per row:
+    # 2 blocks x (qkv, output) + lm_head for poems, 2 blocks x (linear_in, linear_out) for plays
+    assert health["adapter_bytes"] == 3 * sum(own.values()) + 3 * 4 * (2 * 2 + 1 + 2 * 2)
+
+
 @pytest.mark.parametrize("name", [None, "poems", "plays"])
 def test_greedy_completions_equal_generate(client, world, name):
     _, _, singles = world

@@ -65,7 +65,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active_requests": engine.active}
+        return {"status": "ok", "active_requests": engine.active, "adapters": len(names()) - 1,
+                "adapter_bytes": engine.bank.nbytes}
 
     @app.get("/v1/models")
     async def models(request: Request):
