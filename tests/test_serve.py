@@ -186,39 +186,57 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert engine.active == 0
 
 
-def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
+def start_serving(base, adapters):
+    """`lora-gpt2 serve` in its own process, once it answers /health: (process, base URL)."""
     import httpx
 
-    base, adapters, singles = world
     port = free_port()
     proc = subprocess.Popen(cli_command("serve", "--model", base, "--adapters", adapters, "--port", port,
                                         "--device", "cpu"),
                             env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def in_flight(url, body):
+    """A request on its own thread, returned once the server counts it active: (thread, result)."""
+    import httpx
+
+    result = {}
+
+    def ask():
+        try:
+            result["r"] = httpx.post(url + "/v1/completions", timeout=60, json=body)
+        except httpx.HTTPError as exc:
+            result["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    deadline = time.time() + 30
+    while httpx.get(url + "/health", timeout=5).json()["active_requests"] == 0:
+        assert time.time() < deadline and asker.is_alive(), "the request never became active"
+        time.sleep(0.01)
+    return asker, result
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
+    import httpx
+
+    base, adapters, singles = world
+    proc, url = start_serving(base, adapters)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        result = {}
-
-        def ask():
-            result["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                                     json={"model": "poems", "prompt": "Hello", "max_tokens": 500, "temperature": 0})
-
-        asker = threading.Thread(target=ask)
-        asker.start()
-        deadline = time.time() + 30
-        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["active_requests"] == 0:
-            assert time.time() < deadline and asker.is_alive(), "the request never became active"
-            time.sleep(0.01)
+        asker, result = in_flight(url, {"model": "poems", "prompt": "Hello", "max_tokens": 500, "temperature": 0})
         proc.send_signal(signal.SIGTERM)
         refused = None
         while asker.is_alive() and refused is None:  # while draining, no new request is taken
             try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                httpx.get(url + "/health", timeout=5)
             except httpx.ConnectError:
                 refused = asker.is_alive()
         asker.join(60)
@@ -230,6 +248,26 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(world):
     assert result["r"].status_code == 200
     assert result["r"].json()["choices"][0]["text"] == greedy_text(singles, "poems", "Hello", 500)
     assert "serving tiny-base + plays, poems on" in err and err.strip().endswith("stopped")
+
+
+def test_a_second_ctrl_c_stops_without_waiting_for_requests(world):
+    base, adapters, _ = world
+    proc, url = start_serving(base, adapters)
+    try:  # 16 completions of 500 tokens: far longer than the few seconds this test allows
+        asker, result = in_flight(url, {"model": "poems", "prompt": "Hello", "max_tokens": 500, "n": 16})
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None and asker.is_alive()  # the first one drains
+        proc.send_signal(signal.SIGINT)
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - began
+        asker.join(30)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0 and took < 10, (took, err)
+    assert "r" not in result or result["r"].status_code != 200  # cut off, not completed
+    assert err.strip().endswith("stopped") and "Traceback" not in err, err
 
 
 def test_serve_refuses_bad_adapter_specs(cli, tmp_path):

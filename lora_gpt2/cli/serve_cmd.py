@@ -110,7 +110,12 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
         finally:
             engine.stop()
 
+    forced = threading.Event()
+
     def drain(*_) -> None:  # stop accepting, let in-flight requests finish (uvicorn's graceful shutdown)
+        if server.should_exit:  # a second Ctrl-C or SIGTERM: stop now; the HTTP thread ends with the process
+            forced.set()
+            engine.stop()
         server.should_exit = True
 
     previous = {s: signal.signal(s, drain) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -124,11 +129,12 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
             say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
                 "in-flight requests finish)")
             engine.run()
-        thread.join()
+        if not forced.is_set():
+            thread.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if failed or not server.started:
+    if (failed or not server.started) and not forced.is_set():
         raise ValueError(f"the server on {host}:{port} failed: {failed[0] if failed else 'it did not start'}")
     say("stopped")
 

@@ -87,11 +87,20 @@ class Engine:
                     continue
                 if token is None:
                     del self._jobs[request]
-                    job.sink("end", request.finish_reason)
+                    self._deliver(job, "end", request.finish_reason)
                 else:
                     top = request.top_logprobs[-1] if request.logprobs is not None else None
                     lp = request.token_logprobs[-1] if request.logprobs is not None else None
-                    job.sink("token", (token, lp, top))
+                    self._deliver(job, "token", (token, lp, top))
+
+    def _deliver(self, job: Job, kind: str, value: Any) -> None:
+        """Hand an event to the job's sink; a sink that cannot take it (its event loop has closed:
+        the server was stopped at once) ends the job instead of the decoding loop."""
+        try:
+            job.sink(kind, value)
+        except RuntimeError:
+            if job.request is not None and self._jobs.pop(job.request, None) is not None:
+                self.decoder.cancel(job.request)
 
     def _take_inbox(self, wait: bool) -> None:
         try:
@@ -105,7 +114,7 @@ class Engine:
                     job.request = self.decoder.submit(job.prompt, job.adapter, job.cfg, job.seed, job.logprobs)
                     self._jobs[job.request] = job
                 except ValueError as exc:
-                    job.sink("error", str(exc))
+                    self._deliver(job, "error", str(exc))
             elif kind == "cancel" and job.request is not None and job.request in self._jobs:
                 del self._jobs[job.request]
                 self.decoder.cancel(job.request)
@@ -117,5 +126,5 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for request, job in list(self._jobs.items()):
             self.decoder.cancel(request)
-            job.sink("error", message)
+            self._deliver(job, "error", message)
         self._jobs.clear()
