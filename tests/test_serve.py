@@ -186,13 +186,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert engine.active == 0
 
 
-def start_serving(base, adapters):
+def start_serving(base, adapters, *more):
     """`lora-gpt2 serve` in its own process, once it answers /health: (process, base URL)."""
     import httpx
 
     port = free_port()
     proc = subprocess.Popen(cli_command("serve", "--model", base, "--adapters", adapters, "--port", port,
-                                        "--device", "cpu"),
+                                        "--device", "cpu", *more),
                             env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -267,7 +267,24 @@ def test_a_second_ctrl_c_stops_without_waiting_for_requests(world):
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0 and took < 10, (took, err)
     assert "r" not in result or result["r"].status_code != 200  # cut off, not completed
-    assert err.strip().endswith("stopped") and "Traceback" not in err, err
+    assert err.strip().endswith("stopped; 16 unfinished completion(s) cut off") and "Traceback" not in err, err
+
+
+def test_requests_still_running_after_the_grace_period_are_cut_off(world):
+    base, adapters, _ = world
+    proc, url = start_serving(base, adapters, "--grace", "1")
+    try:  # 16 completions of 500 tokens: far longer than the 1 s grace period
+        asker, result = in_flight(url, {"model": "poems", "prompt": "Hello", "max_tokens": 500, "n": 16})
+        proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - began
+        asker.join(30)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0 and 0.9 < took < 10, (took, err)
+    assert "r" not in result or result["r"].status_code != 200  # cut off, not completed
+    assert err.strip().endswith("stopped; 16 unfinished completion(s) cut off") and "Traceback" not in err, err
 
 
 def test_serve_refuses_bad_adapter_specs(cli, tmp_path):

@@ -54,6 +54,7 @@ def serve_cmd(
     dtype: str = Opt("auto", help="auto, float32, bfloat16, float16 (CUDA)."),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     force: bool = Opt(False, "--force", help="Serve adapters even if their base model's fingerprint differs."),
+    grace: float = Opt(30.0, min=0.0, help="On SIGTERM or Ctrl-C, seconds in-flight requests may take to finish."),
 ) -> None:
     """Answer OpenAI-style completions for the base model and each adapter, batched together."""
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -61,7 +62,7 @@ def serve_cmd(
     named = _named(adapter or [], adapters)
     with _bind(host, port) as sock:  # before loading anything: a taken port is known at once
         bank, base_name = _load(model, named, dtype, device, force)
-        _run(bank, base_name, sock, api_key, max_batch)
+        _run(bank, base_name, sock, api_key, max_batch, grace)
 
 
 def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, force: bool):
@@ -88,7 +89,7 @@ def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, 
     return bank, base_name
 
 
-def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int) -> None:
+def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int, grace: float) -> None:
     import threading
 
     import uvicorn
@@ -99,7 +100,7 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
     engine = Engine(bank, max_batch)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings(base_name, api_key)), host=host,
-                                           port=port, log_level="warning", timeout_graceful_shutdown=30))
+                                           port=port, log_level="warning"))
     failed: list[BaseException] = []
 
     def http() -> None:  # uvicorn on its own thread; decoding stays on this one, which loaded the model
@@ -111,12 +112,23 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
             engine.stop()
 
     forced = threading.Event()
+    cut: list[int] = []  # completions unfinished when the server stopped at once
 
-    def drain(*_) -> None:  # stop accepting, let in-flight requests finish (uvicorn's graceful shutdown)
-        if server.should_exit:  # a second Ctrl-C or SIGTERM: stop now; the HTTP thread ends with the process
+    def stop_now() -> None:  # the HTTP thread is not waited for: it ends with the process
+        if not forced.is_set():
+            cut.append(engine.active)
             forced.set()
             engine.stop()
-        server.should_exit = True
+
+    timer = threading.Timer(grace, stop_now)
+    timer.daemon = True
+
+    def drain(*_) -> None:  # stop accepting, let in-flight requests finish for up to `grace` seconds
+        if server.should_exit:  # a second Ctrl-C or SIGTERM: stop now
+            stop_now()
+        else:
+            server.should_exit = True
+            timer.start()
 
     previous = {s: signal.signal(s, drain) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="lora-gpt2-http", daemon=True)
@@ -127,17 +139,17 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
         if server.started:
             served = ", ".join(n for n in bank.names if n) or "no adapters"
             say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
-                "in-flight requests finish)")
+                f"in-flight requests finish, up to {grace:g} s)")
             engine.run()
         if not forced.is_set():
             thread.join()
     finally:
+        timer.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if (failed or not server.started) and not forced.is_set():
         raise ValueError(f"the server on {host}:{port} failed: {failed[0] if failed else 'it did not start'}")
-    say("stopped")
-
+    say(f"stopped; {cut[0]} unfinished completion(s) cut off" if cut and cut[0] else "stopped")
 
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, made here so that a taken port or a wrong address is one clear line."""
