@@ -1,10 +1,11 @@
 """Continuous batching: requests for different adapters decoded together, one token per step.
 
-Each request has its own KV cache and its own position. A new request is prefilled alone
-(with its adapter) when it joins; then every step runs one batched forward over all active
-requests, in which row i adds its adapter's update (bank.py) and attends to its own cache.
-Requests join and leave between steps. Sampling is per request (its settings, its seeded
-generator), so what a request gets does not depend on what else is in the batch.
+Each request has its own KV cache and its own position. Requests that join together are
+prefilled together: prompts of similar length share one forward, right-padded (causal attention
+never lets a position see the padding after it), row i with its adapter, and each request's
+cache takes its own rows. Then every step runs one batched forward over all active requests,
+in which row i adds its adapter's update (bank.py) and attends to its own cache. Requests join
+and leave between steps. Sampling is per request (its settings, its seeded generator).
 """
 
 from __future__ import annotations
@@ -114,18 +115,58 @@ class BatchDecoder:
             request.top_logprobs.append({})
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
-            request = self.waiting.pop(0)
-            request.cache = KVCache.empty(self.model.config, 1, self.model.frozen_dtype(),
-                                          self.model.token_embedding.weight.device,
-                                          len(request.prompt) + request.cfg.max_new_tokens)
-            ids = torch.tensor([request.prompt], device=self.model.token_embedding.weight.device)
+        joining: list[Request] = []
+        while self.waiting and len(self.active) + len(joining) < self.max_batch:
+            joining.append(self.waiting.pop(0))
+        for group in prefill_groups(joining):
+            self._prefill(group)
+        self.active.extend(joining)
+
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward for the group's prompts; each request then holds its own cache and logits."""
+        config, dtype = self.model.config, self.model.frozen_dtype()
+        device = self.model.token_embedding.weight.device
+        lengths = [len(r.prompt) for r in group]
+        if len(group) == 1:  # its own cache directly
+            request = group[0]
+            request.cache = KVCache.empty(config, 1, dtype, device, lengths[0] + request.cfg.max_new_tokens)
             with self.bank.rows([request.adapter]):
-                request.logits = self.model(ids, request.cache)[:, -1]
-            self.active.append(request)
+                request.logits = self.model(torch.tensor([request.prompt], device=device), request.cache)[:, -1]
+            return
+        width = max(lengths)
+        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group], device=device)  # (B, T)
+        shared = KVCache.empty(config, len(group), dtype, device, width)
+        with self.bank.rows([r.adapter for r in group]):
+            h = self.model.hidden_states(ids, shared)  # (B, T, C)
+            last = h[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]  # (B, C)
+            logits = self.model.lm_head(last[:, None])[:, 0]  # (B, V): each prompt's last position only
+        for i, (request, n) in enumerate(zip(group, lengths)):
+            request.cache = KVCache.empty(config, 1, dtype, device, n + request.cfg.max_new_tokens)
+            for mine, ours in zip(request.cache.keys + request.cache.values, shared.keys + shared.values):
+                mine[:, :, :n] = ours[i : i + 1, :, :n]
+            request.cache.length = n
+            request.logits = logits[i : i + 1]
 
     def _end(self, request: Request, reason: str, events: list) -> None:
         request.finish_reason = reason
         self.active.remove(request)
         request.cache = request.logits = None
         events.append((request, None))
+
+
+PREFILL_TOKENS = 2048  # at most this many positions (padding included) in one prefill forward
+
+
+def prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Requests grouped for prefill: by prompt length, so that padding adds at most half again
+    the group's real tokens, and at most PREFILL_TOKENS positions per forward."""
+    groups: list[list[Request]] = []
+    group: list[Request] = []
+    for request in sorted(requests, key=lambda r: len(r.prompt)):
+        tokens = sum(len(r.prompt) for r in group) + len(request.prompt)
+        padded = (len(group) + 1) * len(request.prompt)  # sorted: this prompt is the group's longest
+        if group and (2 * padded > 3 * tokens or padded > PREFILL_TOKENS):
+            groups.append(group)
+            group = []
+        group.append(request)
+    return groups + ([group] if group else [])

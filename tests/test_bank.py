@@ -158,6 +158,49 @@ def test_continuous_batching_equals_generate_for_every_request(world, max_batch,
     assert len({tuple(r.tokens) for r in done}) >= 4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_joining_together_are_prefilled_together_and_stay_exact(world, temperature):
+    """Six requests at once over three adapters and the base: two prefill forwards (grouped by
+    prompt length), and each request still gets exactly what `generate` gives it alone."""
+    from lora_gpt2.batching import BatchDecoder
+
+    _, singles, bank = world
+    prompts = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 383, 2068], [464, 2068, 7586],
+               [50256], [40, 1101, 257], [464, 2068, 7586, 21831], [464, 2068, 7586, 21831, 18045]]
+    names = ["attn", "everything", None, "last-block", "attn", "everything"]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=temperature, top_k=50)
+    decoder = BatchDecoder(bank, max_batch=16)
+    requests = [decoder.submit(p, n, cfg, seed=30 + i) for i, (p, n) in enumerate(zip(prompts, names))]
+    model, calls = bank.model, []
+    model.hidden_states = lambda *a, **k: calls.append(a[0].shape) or type(model).hidden_states(model, *a, **k)
+    try:
+        decoder.step()
+    finally:
+        del model.hidden_states
+    # lengths 1, 3, 3, 4 pad to 4 x 4 = 16 positions for 11 tokens; 5 and 12 to 2 x 12 for 17;
+    # then the first decoding step, one row per request
+    assert calls == [(4, 4), (2, 12), (6, 1)]
+    while decoder.busy:
+        decoder.step()
+    for i, (request, prompt, name) in enumerate(zip(requests, prompts, names)):
+        alone = list(generate(singles[name], prompt, cfg, generator=torch.Generator().manual_seed(30 + i)))
+        assert request.tokens == alone, name
+
+
+def test_prefill_groups_bound_the_padding():
+    from lora_gpt2.batching import PREFILL_TOKENS, Request, prefill_groups
+
+    def lengths(*ns):
+        groups = prefill_groups([Request([1] * n, None, SamplingConfig(), None) for n in ns])
+        return [[len(r.prompt) for r in g] for g in groups]
+
+    assert lengths(12, 3, 1, 5, 3, 4) == [[1, 3, 3, 4], [5, 12]]
+    assert lengths(7) == [[7]] and lengths() == []
+    assert lengths(10, 10, 500) == [[10, 10], [500]]  # one long prompt does not pad the short ones
+    half = PREFILL_TOKENS // 2
+    assert lengths(half, half, half) == [[half, half], [half]]  # at most PREFILL_TOKENS positions
+
+
 def test_stops_and_cancellations_leave_the_others_untouched(world):
     from lora_gpt2.batching import BatchDecoder
 
