@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bank import AdapterBank
-from .generate import SamplingConfig, next_token
+from .generate import NOT_FINITE, SamplingConfig, next_token
 from .model import KVCache
 
 
@@ -26,7 +26,8 @@ class Request:
     cfg: SamplingConfig
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length", "stop" or "cancelled" once done
+    finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once done
+    error: str | None = None  # why, when finish_reason is "error"
     logprobs: int | None = None  # also record each token's log-probability and this many best alternatives
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -83,8 +84,20 @@ class BatchDecoder:
         self._admit()
         events: list[tuple[Request, int | None]] = []
         going: list[tuple[Request, int]] = []
-        for request in list(self.active):
-            token = int(next_token(request.logits, request.cfg, request.generator))
+        active = list(self.active)
+        greedy: list[int] = []
+        finite: list[bool] = []
+        if active:  # one finiteness check and one argmax for the whole batch, not one per request
+            stacked = torch.cat([r.logits for r in active])  # (B, V)
+            finite = torch.isfinite(stacked).all(dim=-1).tolist()
+            greedy = stacked.argmax(dim=-1).tolist()
+        for request, best, ok in zip(active, greedy, finite):
+            if not ok:  # rows never mix, so only this request fails (a damaged adapter, an overflow)
+                request.error = NOT_FINITE
+                self._end(request, "error", events)
+                continue
+            sampled = request.cfg.temperature != 0
+            token = int(next_token(request.logits, request.cfg, request.generator)) if sampled else best
             if request.cfg.max_new_tokens == 0 or token == request.cfg.stop_token:
                 self._end(request, "length" if request.cfg.max_new_tokens == 0 else "stop", events)
                 continue

@@ -37,10 +37,14 @@ class SamplingConfig:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p!r}")
 
 
-def _checked(logits: torch.Tensor) -> None:
+NOT_FINITE = ("the model produced logits that are not finite (NaN or inf); "
+              "the adapter's tensors are damaged or diverged")
+
+
+def checked_logits(logits: torch.Tensor) -> None:
+    """Raise when any logit is NaN or infinite (a damaged or diverged adapter)."""
     if not torch.isfinite(logits).all():
-        raise ValueError("the model produced logits that are not finite (NaN or inf); "
-                         "the adapter's tensors are damaged or diverged")
+        raise ValueError(NOT_FINITE)
 
 
 def _top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -80,7 +84,7 @@ def _chosen(picks: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
     """Pick the next token (B,) from the last position's logits (B, V), all rows with one generator."""
-    _checked(logits)
+    checked_logits(logits)
     candidates = _candidates(logits, cfg)
     if candidates is None:
         return logits.argmax(dim=-1)
@@ -91,7 +95,7 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Generator | None]):
     """Row i's next token from its own generator: what a sample draws does not depend on which
     other samples share its batch."""
-    _checked(logits)
+    checked_logits(logits)
     candidates = _candidates(logits, cfg)
     if candidates is None:
         return logits.argmax(dim=-1)

@@ -223,6 +223,41 @@ def test_stops_and_cancellations_leave_the_others_untouched(world):
     assert c.finish_reason == "cancelled" and len(c.tokens) == 2 and c.cache is None
 
 
+def test_a_request_whose_logits_are_not_finite_fails_alone(world):
+    """An adapter with an infinite tensor: its request ends with an error; the requests that
+    shared its batches are untouched (rows never mix), through the decoder and the server's engine."""
+    import queue
+
+    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.serve.engine import Engine, Job
+
+    path, singles, _ = world
+    bank = AdapterBank(load_pretrained(path, lora=LoRAConfig(targets=())).eval())
+    tensors = {k: v.detach().clone() for k, v in lora_parameters(singles["attn"]).items()}
+    bank.add("attn", ADAPTERS["attn"], tensors)
+    broken = dict(tensors)
+    key = next(k for k in broken if k.endswith("lora_b"))
+    broken[key] = torch.full_like(broken[key], float("inf"))
+    bank.add("broken", ADAPTERS["attn"], broken)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0)
+    decoder = BatchDecoder(bank)
+    good, bad, base = (decoder.submit([464, 2068], name, greedy) for name in ("attn", "broken", None))
+    while decoder.busy:
+        decoder.step()
+    assert bad.finish_reason == "error" and "not finite" in bad.error and bad.tokens == []
+    assert good.tokens == list(generate(singles["attn"], [464, 2068], greedy))
+    assert base.tokens == list(generate(singles[None], [464, 2068], greedy))
+
+    engine, events = Engine(bank).start(), queue.SimpleQueue()
+    try:
+        for name in ("broken", "attn"):
+            engine.submit(Job([464, 2068], name, greedy, None, None, lambda kind, value, n=name: events.put((n, kind))))
+        got = [events.get(timeout=30) for _ in range(1 + 6 + 1)]  # broken's error; attn's 6 tokens and end
+    finally:
+        engine.stop()
+    assert ("broken", "error") in got and got.count(("attn", "token")) == 6 and got[-1] == ("attn", "end")
+
+
 def test_a_decoder_refuses_what_cannot_run(world):
     from lora_gpt2.batching import BatchDecoder
 

@@ -87,7 +87,10 @@ class Engine:
                     continue
                 if token is None:
                     del self._jobs[request]
-                    self._deliver(job, "end", request.finish_reason)
+                    if request.finish_reason == "error":
+                        self._deliver(job, "error", request.error)
+                    else:
+                        self._deliver(job, "end", request.finish_reason)
                 else:
                     top = request.top_logprobs[-1] if request.logprobs is not None else None
                     lp = request.token_logprobs[-1] if request.logprobs is not None else None
