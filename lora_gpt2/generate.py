@@ -47,13 +47,33 @@ def checked_logits(logits: torch.Tensor) -> None:
         raise ValueError(NOT_FINITE)
 
 
-def _top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits sorted in descending order, with the tail beyond the top_p mass set to -inf: a
-    token goes once the mass before it already reaches top_p; the best always stays."""
-    if top_p >= 1.0:
-        return sorted_logits
-    probs = sorted_logits.softmax(dim=-1)
-    return sorted_logits.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, float("-inf"))
+NUCLEUS_PROBE = 256  # top-p looks among this many best tokens first; the whole vocabulary is sorted only when
+# their mass falls short of top_p (a flat distribution)
+
+
+def _nucleus(values: torch.Tensor, ids: torch.Tensor, log_total: torch.Tensor,
+             top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over candidates sorted best first (values (B, K), ids (B, K)), their probabilities
+    taken against `log_total` (B, 1), the log of the whole distribution's mass: a token goes once
+    the mass before it already reaches top_p; the best always stays. The candidates are cut after
+    the last kept one, so the result depends only on what is kept, not on how many were looked at."""
+    probs = (values - log_total).exp()
+    dropped = (probs.cumsum(dim=-1) - probs) >= top_p
+    keep = int((~dropped).sum(dim=-1).max())
+    return values[:, :keep].masked_fill(dropped[:, :keep], float("-inf")).softmax(dim=-1), ids[:, :keep]
+
+
+def _top_p_candidates(scaled: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over the whole vocabulary without sorting it when the nucleus lies among the
+    NUCLEUS_PROBE best tokens (their mass reaches top_p): the same kept set either way."""
+    log_total = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1)
+    if NUCLEUS_PROBE < scaled.size(-1):
+        values, ids = torch.topk(scaled, NUCLEUS_PROBE, dim=-1)  # (B, k), sorted
+        mass = (values - log_total).exp().cumsum(dim=-1)[:, -1]  # as _nucleus sums it
+        if bool((mass >= top_p).all()):
+            return _nucleus(values, ids, log_total, top_p)
+    values, ids = torch.sort(scaled, descending=True, dim=-1)
+    return _nucleus(values, ids, log_total, top_p)
 
 
 def _candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -61,7 +81,8 @@ def _candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor
     temperature, top-k and top-p; None when the choice is greedy.
 
     With top-k the distribution is built over the k best tokens only, never the whole
-    vocabulary: no softmax, sort or draw over 50,257 entries per token.
+    vocabulary: no softmax, sort or draw over 50,257 entries per token. Top-p alone looks
+    among the best 256 first (see `_top_p_candidates`).
     """
     if cfg.temperature == 0:
         return None
@@ -70,10 +91,12 @@ def _candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor
         return None
     if cfg.top_k is not None and cfg.top_k < scaled.size(-1):
         values, ids = torch.topk(scaled, cfg.top_k, dim=-1)  # (B, k), sorted
-        return _top_p(values, cfg.top_p).softmax(dim=-1), ids
+        if cfg.top_p >= 1.0:
+            return values.softmax(dim=-1), ids
+        # top-p over the top-k distribution, renormalised (as transformers applies the two)
+        return _nucleus(values, ids, torch.logsumexp(values, dim=-1, keepdim=True), cfg.top_p)
     if cfg.top_p < 1.0:
-        values, ids = torch.sort(scaled, descending=True, dim=-1)
-        return _top_p(values, cfg.top_p).softmax(dim=-1), ids
+        return _top_p_candidates(scaled, cfg.top_p)
     return scaled.softmax(dim=-1), None
 
 

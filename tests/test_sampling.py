@@ -52,3 +52,50 @@ def test_a_vanishing_temperature_is_greedy_and_non_finite_logits_are_named():
     assert next_token(logits, SamplingConfig(temperature=1e-45), torch.Generator().manual_seed(0)).item() == 1
     with pytest.raises(ValueError, match="logits that are not finite"):
         next_token(torch.tensor([[1.0, float("nan")]]), SamplingConfig(), None)
+
+
+def nucleus_by_hand(logits: torch.Tensor, top_p: float) -> set[int]:
+    """The smallest set of best tokens whose mass reaches top_p, in float64."""
+    probs = logits.double().softmax(-1)
+    order = probs.argsort(descending=True).tolist()
+    kept, mass = [], 0.0
+    for token in order:
+        if mass >= top_p:
+            break
+        kept.append(token)
+        mass += probs[token].item()
+    return set(kept)
+
+
+def zipf_logits(rows: int, seed: int) -> torch.Tensor:
+    """A language model's kind of distribution: probability ~ rank^-1.5, tokens shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    ranked = -1.5 * torch.log(torch.arange(1, 50258, dtype=torch.float32))
+    return torch.stack([ranked[torch.randperm(50257, generator=g)] for _ in range(rows)])
+
+
+@pytest.mark.parametrize("peaked", [False, True])  # flat: the nucleus is wider than the probe; peaked: inside it
+def test_top_p_without_a_full_sort_keeps_the_same_tokens(monkeypatch, peaked):
+    import lora_gpt2.generate as gen
+
+    flat = torch.randn(3, 50257, generator=torch.Generator().manual_seed(1)) * 0.5
+    logits = zipf_logits(3, seed=1) if peaked else flat
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9)
+    probed = gen._candidates(logits, cfg)
+    probe = gen.NUCLEUS_PROBE
+    monkeypatch.setattr(gen, "NUCLEUS_PROBE", 10**6)  # always sort the whole vocabulary
+    full = gen._candidates(logits, cfg)
+    assert torch.equal(probed[0], full[0]) and torch.equal(probed[1], full[1])
+    for row in range(3):
+        kept = {int(t) for t, p in zip(full[1][row], full[0][row]) if p > 0}
+        by_hand = nucleus_by_hand(logits[row], 0.9)
+        assert len(kept ^ by_hand) <= 1  # float32 against float64 at the boundary, at most one token
+    assert (probed[1].size(1) > probe) == (not peaked)
+
+
+def test_a_peaked_top_p_never_sorts_the_vocabulary(monkeypatch):
+    logits = zipf_logits(2, seed=2)
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted the whole vocabulary"))
+    g = torch.Generator().manual_seed(0)
+    tokens = next_token(logits, SamplingConfig(temperature=1.0, top_p=0.9), g)
+    assert tokens.shape == (2,)
