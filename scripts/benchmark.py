@@ -184,26 +184,31 @@ def run(args) -> dict:
     return results
 
 
-ROWS = [  # (label, key, field, higher is better, target ratio)
-    ("training tokens/s, float32", "train_float32", "tokens_per_s", True, 1.25),
-    ("training tokens/s, bf16 mode vs PEFT + autocast", "train_bfloat16", "tokens_per_s", True, 2.0),
-    ("training peak memory MB, float32", "train_float32", "peak_mb", False, 0.45),
-    ("training peak memory MB, bf16", "train_bfloat16", "peak_mb", False, 0.45),
-    ("batch-1 generation tokens/s", "generate", "tokens_per_s", True, 3.0),
-    ("start-up to first logits, s", "startup", "seconds", False, 0.6),
-    ("memory after first logits MB", "startup", "rss_mb", False, None),
+ROWS = [  # (label, key, field, higher is better, target ratio, (derived share, of which limit) or None)
+    ("training tokens/s, float32", "train_float32", "tokens_per_s", True, 1.25, ("mfu_float32", "fp32 matmul rate")),
+    ("training tokens/s, bf16 mode vs PEFT + autocast", "train_bfloat16", "tokens_per_s", True, 2.0,
+     ("mfu_bfloat16", "bf16 matmul rate")),
+    ("training peak memory MB, float32", "train_float32", "peak_mb", False, 0.45, None),
+    ("training peak memory MB, bf16", "train_bfloat16", "peak_mb", False, 0.45, None),
+    ("batch-1 generation tokens/s", "generate", "tokens_per_s", True, 3.0,
+     ("decode_bandwidth_fraction", "bandwidth bound")),
+    ("start-up to first logits, s", "startup", "seconds", False, 0.6, None),
+    ("memory after first logits MB", "startup", "rss_mb", False, None, None),
 ]
 
 
 def table(results: dict) -> str:
-    lines = ["| figure | lora-gpt2 | transformers + PEFT | ratio | target |", "| --- | ---: | ---: | ---: | ---: |"]
-    for label, key, field, higher, target in ROWS:
+    lines = ["| figure | lora-gpt2 | transformers + PEFT | ratio | target | lora-gpt2's share of this machine's limit |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for label, key, field, higher, target, share in ROWS:
         if f"{key}_lora-gpt2" not in results:
             continue
         ours, theirs = results[f"{key}_lora-gpt2"][field], results[f"{key}_peft"][field]
         ratio = ours / theirs
         goal = "" if target is None else (f"≥ {target}×" if higher else f"≤ {target}×")
-        lines.append(f"| {label} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}× | {goal} |")
+        of = "" if share is None or share[0] not in results["derived"] else \
+            f"{100 * results['derived'][share[0]]:.0f}% of the {share[1]}"
+        lines.append(f"| {label} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}× | {goal} | {of} |")
     m, d = results["machine"], results["derived"]
     lines += [
         "",
