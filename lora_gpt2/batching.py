@@ -112,7 +112,7 @@ class BatchDecoder:
         if going:  # one batched forward: each row its adapter, its cache, its position
             ids = torch.tensor([[token] for _, token in going], device=self.model.token_embedding.weight.device)
             with self.bank.rows([r.adapter for r, _ in going]):
-                logits = self.model(ids, [r.cache for r, _ in going])[:, -1]
+                logits = self.model(ids, [r.cache for r, _ in going], at=-1)
             for row, (request, _) in enumerate(going):
                 request.logits = logits[row : row + 1]
         return events
@@ -140,25 +140,22 @@ class BatchDecoder:
         config, dtype = self.model.config, self.model.frozen_dtype()
         device = self.model.token_embedding.weight.device
         lengths = [len(r.prompt) for r in group]
-        if len(group) == 1:  # its own cache directly
-            request = group[0]
-            request.cache = KVCache.empty(config, 1, dtype, device, lengths[0] + request.cfg.max_new_tokens)
-            with self.bank.rows([request.adapter]):
-                request.logits = self.model(torch.tensor([request.prompt], device=device), request.cache)[:, -1]
-            return
         width = max(lengths)
         ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group], device=device)  # (B, T)
-        shared = KVCache.empty(config, len(group), dtype, device, width)
+        alone = len(group) == 1  # then the shared cache is the request's own, with room for its tokens
+        room = width + group[0].cfg.max_new_tokens if alone else width
+        shared = KVCache.empty(config, len(group), dtype, device, room)
         with self.bank.rows([r.adapter for r in group]):
-            h = self.model.hidden_states(ids, shared)  # (B, T, C)
-            last = h[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]  # (B, C)
-            logits = self.model.lm_head(last[:, None])[:, 0]  # (B, V): each prompt's last position only
+            logits = self.model(ids, shared, at=torch.tensor(lengths, device=device) - 1)  # (B, V)
         for i, (request, n) in enumerate(zip(group, lengths)):
+            request.logits = logits[i : i + 1]
+            if alone:
+                request.cache = shared
+                continue
             request.cache = KVCache.empty(config, 1, dtype, device, n + request.cfg.max_new_tokens)
             for mine, ours in zip(request.cache.keys + request.cache.values, shared.keys + shared.values):
                 mine[:, :, :n] = ours[i : i + 1, :, :n]
             request.cache.length = n
-            request.logits = logits[i : i + 1]
 
     def _end(self, request: Request, reason: str, events: list) -> None:
         request.finish_reason = reason

@@ -173,7 +173,7 @@ def generate_samples(
     # room for what this request can reach, not the whole context: n rows of GPT-2 small's
     # full context would be 75 MB each in float32
     cache = KVCache.empty(model.config, 1, model.frozen_dtype(), device, history.size(1) + cfg.max_new_tokens)
-    logits = model(history, cache)[:, -1]  # (1, V)
+    logits = model(history, cache, at=-1)  # (1, V)
     live = list(range(n))  # sample index of each row
     if n > 1:
         cache.repeat_rows(n)
@@ -201,9 +201,9 @@ def generate_samples(
         if cache.length == context:
             history = history[:, -window_length(context) :]
             cache.length = 0
-            logits = model(history, cache)[:, -1]
+            logits = model(history, cache, at=-1)
         else:
-            logits = model(tokens[:, None], cache)[:, -1]
+            logits = model(tokens[:, None], cache, at=-1)
 
 
 class TextStream:

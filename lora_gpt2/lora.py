@@ -94,7 +94,6 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight += self.delta_weight().to(self.weight.dtype)
         self.merged = True
-        self.packed = self.folded = None  # a packed copy is of the old weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -102,7 +101,6 @@ class _AdditiveUpdate(AdapterLayer):
             return
         self.weight -= self.delta_weight().to(self.weight.dtype)
         self.merged = False
-        self.packed = self.folded = None
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a": self.lora_a, "lora_b": self.lora_b}
@@ -144,6 +142,10 @@ class FrozenLinear(nn.Module):
         """Keep a packed copy of the weight for decoding (see packed.py); False where none can be made."""
         self.packed = packing.pack(self.weight)
         return self.packed is not None
+
+    def unpack(self) -> None:
+        """Drop the packed copy (the weight changed, or decoding is over)."""
+        self.packed = None
 
     # a per-row update added to the output (bank.py: many adapters in one batch), or None
     extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None
@@ -220,6 +222,18 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         if self.packed is not None:
             self.folded = (self.lora_a._version, self.lora_b._version)
         return self.packed is not None
+
+    def unpack(self) -> None:
+        super().unpack()
+        self.folded = None
+
+    def merge(self) -> None:
+        super().merge()
+        self.unpack()  # a packed copy is of the old weight
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.unpack()
 
     def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is not None:  # the packed copy holds the update too: not the frozen product

@@ -269,18 +269,23 @@ class GPT2(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None = None, targets: torch.Tensor | None = None,
-        reduction: str = "mean", segments: torch.Tensor | None = None,
+        reduction: str = "mean", segments: torch.Tensor | None = None, at: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the loss instead:
         the mean over the counted targets (those >= 0; -1 marks padding or a masked prompt), or
-        with reduction="sum" their sum.
+        with reduction="sum" their sum. With `at` (a position, or one per row (B,)), the logits
+        (B, vocab) at those positions only: decoding reads one position of a prompt, and the
+        lm_head over a 1,000-token prompt would cost 77 GFLOP and 200 MB for nothing.
 
         The loss never materialises the full logits (see loss.py).
         """
         h = self.hidden_states(idx, cache, segments)
         if targets is not None:
             return fused_lm_head_loss(h, self.lm_head, targets, reduction=reduction)
-        return self.lm_head(h)
+        if at is None:
+            return self.lm_head(h)
+        rows = h[:, at] if isinstance(at, int) else h[torch.arange(h.size(0), device=h.device), at]  # (B, C)
+        return self.lm_head(rows[:, None])[:, 0]  # (B, vocab)
 
     def lora_layers(self) -> dict[str, lora.AdapterLayer]:
         return lora.adapter_layers(self)
@@ -325,9 +330,7 @@ class GPT2(nn.Module):
     def unpack(self) -> None:
         for m in self.modules():
             if isinstance(m, lora.FrozenLinear):
-                m.packed = None
-                if isinstance(m, lora.Linear):
-                    m.folded = None
+                m.unpack()
 
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():

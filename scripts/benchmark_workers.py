@@ -204,12 +204,9 @@ def worker_generate(args) -> dict:
     prompt = prompt.tolist()
     n = args.new_tokens
     if args.system == "lora-gpt2":
-        from lora_gpt2 import load_pretrained
-        from lora_gpt2.generate import GenerationSession, SamplingConfig
+        from lora_gpt2.generate import SamplingConfig
 
-        # a session, as `generate` uses: the frozen weights get their decode-time layout
-        session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                                    device=args.device, dtype=_dtype(args.dtype)).eval())
+        session = _session(args)
 
         def run(k: int) -> int:
             stream = session.stream(prompt, SamplingConfig(max_new_tokens=k, temperature=0))
@@ -225,11 +222,26 @@ def worker_generate(args) -> dict:
                                      min_new_tokens=k, do_sample=False, pad_token_id=0)
             return out.size(1) - ids.size(1)
 
-    run(8)  # warm-up
-    _sync(args.device)
+    return _timed(run, n, args.device)
+
+
+def _session(args):
+    """lora-gpt2's side of the decoding figures: a session, as `generate` uses (the frozen weights
+    get their decode-time layout), over GPT-2 with a LoRA on qkv_projection."""
+    from lora_gpt2 import load_pretrained
+    from lora_gpt2.generate import GenerationSession
+
+    return GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
+                                             device=args.device, dtype=_dtype(args.dtype)).eval())
+
+
+def _timed(run, tokens: int, device: str) -> dict:
+    """Tokens/s of run(tokens) (which returns the tokens it made), after a short warm-up."""
+    run(8)
+    _sync(device)
     start = time.perf_counter()
-    made = run(n)
-    _sync(args.device)
+    made = run(tokens)
+    _sync(device)
     return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made}
 
 
@@ -252,11 +264,9 @@ def worker_samples(args) -> dict:
     _, prompt = _batches(args)
     prompt, n, k = prompt.tolist(), args.samples, args.new_tokens
     if args.system == "lora-gpt2":
-        from lora_gpt2 import load_pretrained
-        from lora_gpt2.generate import GenerationSession, SamplingConfig
+        from lora_gpt2.generate import SamplingConfig
 
-        session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                                    device=args.device, dtype=_dtype(args.dtype)).eval())
+        session = _session(args)
 
         def run(tokens: int) -> int:
             cfg = SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_k=200)
@@ -275,12 +285,7 @@ def worker_samples(args) -> dict:
                                      num_return_sequences=n, pad_token_id=0)
             return (out.size(1) - ids.size(1)) * out.size(0)
 
-    run(8)  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    made = run(k)
-    _sync(args.device)
-    return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made, "samples": n}
+    return {**_timed(run, k, args.device), "samples": n}
 
 
 def worker_startup(args) -> dict:
