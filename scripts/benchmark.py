@@ -5,6 +5,7 @@
     python scripts/benchmark.py --data data/tinyshakespeare --device cuda --steps 50
     python scripts/benchmark.py --json                                  # machine-readable
     python scripts/benchmark.py --only examples,prepare                 # prompt/completion data only
+    python scripts/benchmark.py --only profile,compiled                 # where a step's and a token's time goes
 
 Figures: LoRA training tokens/s and peak memory (float32; bfloat16 mode vs PEFT under bf16
 autocast), batch-1 decoding tokens/s, start-up to first logits, and the machine's own matmul
@@ -91,7 +92,7 @@ def model_bytes(size: str, dtype: str) -> float:
 
 
 SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples", "profile",
-            "serve")
+            "compiled", "serve")
 
 
 def run(args) -> dict:
@@ -167,6 +168,9 @@ def run(args) -> dict:
             print(f"  profile {dtype}: {got}", file=sys.stderr)
         results["profile_decode"] = got = spawn(args, "decode_profile", "lora-gpt2")
         print(f"  profile decode: {got}", file=sys.stderr)
+    if "compiled" in only and args.device == "cpu":  # a captured decoding step against the eager one
+        results["decode_compiled"] = got = spawn(args, "decode_compiled", "lora-gpt2")
+        print(f"  compiled decode: {got}", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
     if "serve" in only:  # lora-gpt2 serve under concurrent clients over 4 adapters (benchmark_serve.py)
         results.update(benchmark_serve.run(args, spawn))
@@ -179,8 +183,9 @@ def run(args) -> dict:
         derived["mfu_float32"] = (results["train_float32_lora-gpt2"]["tokens_per_s"] * flops
                                   / (m["matmul_float32_tflops"] * 1e12))
     if "generate" in only:
-        derived["decode_bandwidth_fraction"] = (results["generate_lora-gpt2"]["tokens_per_s"]
-                                                * model_bytes(args.size, "float32") / (m["bandwidth_gbs"] * 1e9))
+        got = results["generate_lora-gpt2"]  # against the bandwidth measured around its own rounds
+        derived["decode_bandwidth_fraction"] = (got["tokens_per_s_at_that_bandwidth"] * model_bytes(args.size, "float32")
+                                                / (got["bandwidth_gbs"] * 1e9))
     return results
 
 
@@ -221,8 +226,10 @@ def table(results: dict) -> str:
                      f"bf16 mode {100 * d['mfu_bfloat16']:.0f}% of measured bf16 matmul, "
                      f"float32 {100 * d['mfu_float32']:.0f}% of measured fp32 matmul (target ≥ 60% in bf16)")
     if "decode_bandwidth_fraction" in d:
-        lines.append(f"decoding: {100 * d['decode_bandwidth_fraction']:.0f}% of the bandwidth bound "
-                     "(fp32 weights read once per token)")
+        got = results["generate_lora-gpt2"]
+        lines.append(f"decoding: {100 * d['decode_bandwidth_fraction']:.0f}% of the bandwidth bound (fp32 weights "
+                     f"read once per token; copy bandwidth {got['bandwidth_gbs']:.1f} GB/s around the decode's "
+                     f"median round; rounds {', '.join(f'{r:.1f}' for r in got['rounds'])} tokens/s)")
     if "examples_padded" in results:
         pad, pack = results["examples_padded"], results["examples_packed"]
         lines += [
@@ -317,6 +324,20 @@ def _profile_lines(results: dict) -> list[str]:
                       f"({1000 / got['ms_per_token']:.1f} tokens/s; {wall:.1f} ms under the profiler): {shares}; "
                       f"the matmuls read the weights at about {weights / matmul_s / 1e9:.1f} GB/s "
                       f"(copy bandwidth {results['machine']['bandwidth_gbs']:.1f} GB/s)"]
+        if "parts_step_ms" in got:
+            step, alone, gbs = got["parts_step_ms"], got["parts_products_ms"], got["parts_bandwidth_gbs"]
+            bound_ms = got["parts_weight_bytes"] / (gbs * 1e9) * 1000
+            lines.append(f"one decoding step (forward of one token and its argmax) {step:.1f} ms; its "
+                         f"{got['parts_products']} packed products alone {alone:.1f} ms, reading "
+                         f"{got['parts_weight_bytes'] / 1e6:,.0f} MB at {got['parts_weight_bytes'] / alone / 1e6:.1f} GB/s "
+                         f"(copy bandwidth {gbs:.1f} GB/s in the same rounds): the products alone are "
+                         f"{100 * bound_ms / alone:.0f}% of the bandwidth bound, the step {100 * bound_ms / step:.0f}%; "
+                         f"the other {step - alone:.1f} ms are the ops between the products and Python")
+    got = results.get("decode_compiled")
+    if got is not None:
+        lines.append(f"a compiled decoding step (torch.compile, static shapes, the packed products as a custom op): "
+                     f"{got['compiled_tokens_per_s']:.1f} tokens/s against {got['eager_tokens_per_s']:.1f} for the "
+                     f"eager step (median of 5 alternating rounds; compiling took {got['compile_s']:.0f} s)")
     return lines
 
 

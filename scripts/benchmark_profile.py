@@ -97,4 +97,49 @@ def worker_decode_profile(args) -> dict:
         kind = next((k for k, parts in DECODE_KINDS if any(p in event.key for p in parts)), "other ops")
         by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1000 / n
     by_kind["Python and waiting"] = max(0.0, profiled_ms - sum(by_kind.values()))
-    return {"ms_per_token": best, "profiled_ms_per_token": profiled_ms, "ms_per_token_by_kind": by_kind}
+    return {"ms_per_token": best, "profiled_ms_per_token": profiled_ms, "ms_per_token_by_kind": by_kind,
+            **_decode_parts(session.model)}
+
+
+def _decode_parts(model, rounds: int = 5, reps: int = 10) -> dict:
+    """One decoding step (forward of one token at a 32-token cache, and its argmax) against its
+    packed products alone, run back to back with the same shapes: the products are the step's
+    floor, the rest is the ops between them and Python. The copy bandwidth is measured in the same
+    rounds; each figure is the median round's. Empty where nothing is packed (not a CPU)."""
+    import torch
+
+    from benchmark_workers import copy_bandwidth_gbs
+    from lora_gpt2 import packed
+    from lora_gpt2.model import KVCache
+
+    layers = [m for m in model.modules() if getattr(m, "packed", None) is not None]
+    if not layers:
+        return {}
+    inputs = [torch.randn(1, 1, m.in_features) for m in layers]
+    cache = KVCache.empty(model.config, 1, model.frozen_dtype(), "cpu", 64)
+    token = torch.tensor([[100]])
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) * 1000 / reps
+
+    def step() -> None:
+        cache.length = 32
+        model(token, cache, at=-1).argmax(dim=-1).tolist()
+
+    def products() -> None:
+        for m, x in zip(layers, inputs):
+            packed.linear(x, m.packed, m.bias)
+
+    got: dict[str, list[float]] = {"step_ms": [], "products_ms": [], "bandwidth_gbs": []}
+    with torch.inference_mode():
+        model(torch.arange(100, 132)[None], cache, at=-1)
+        for _ in range(rounds):
+            got["step_ms"].append(timed(step))
+            got["products_ms"].append(timed(products))
+            got["bandwidth_gbs"].append(copy_bandwidth_gbs("cpu", repeats=3))
+    median = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+    return {**{f"parts_{k}": v for k, v in median.items()}, "parts_products": len(layers),
+            "parts_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers)}
