@@ -219,7 +219,7 @@ def table(results: dict) -> str:
         "",
         f"machine: matmul {m['matmul_float32_tflops'] * 1000:,.0f} GFLOP/s fp32, "
         f"{m['matmul_bfloat16_tflops'] * 1000:,.0f} GFLOP/s bf16; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s; "
-        f"{m['cpu']}, native bf16: {', '.join(m['native_bf16']) or 'none'}",
+        f"{m['gpu'] + ' on ' if 'gpu' in m else ''}{m['cpu']}, native bf16: {', '.join(m['native_bf16']) or 'none'}",
     ]
     if "mfu_float32" in d:
         lines.append(f"training MFU (FLOPs/token = 4·N_matmul + 8·L·T·d = {d['flops_per_token'] / 1e6:,.0f} M): "

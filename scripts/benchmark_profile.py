@@ -108,7 +108,7 @@ def _decode_parts(model, rounds: int = 5, reps: int = 10) -> dict:
     rounds; each figure is the median round's. Empty where nothing is packed (not a CPU)."""
     import torch
 
-    from benchmark_workers import copy_bandwidth_gbs
+    from benchmark_machine import copy_bandwidth_gbs
     from lora_gpt2 import packed
     from lora_gpt2.model import KVCache
 

@@ -245,23 +245,6 @@ def _rounds_with_bandwidth(run, tokens: int, device: str, rounds: int = 3) -> di
             "bandwidth_gbs": middle[1], "tokens_per_s_at_that_bandwidth": middle[0]}
 
 
-def copy_bandwidth_gbs(device: str, repeats: int = 5) -> float:
-    """Memory bandwidth as a large copy measures it (bytes read + written per second, best of
-    `repeats`), in GB/s."""
-    import torch
-
-    x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
-    y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        y.copy_(x)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * x.numel() * 4 / best / 1e9  # read + write
-
-
 def _session(args):
     """lora-gpt2's side of the decoding figures: a session, as `generate` uses (the frozen weights
     get their decode-time layout), over GPT-2 with a LoRA on qkv_projection."""
@@ -354,41 +337,8 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def worker_machine(args) -> dict:
-    """Dense matmul FLOP/s (fp32, bf16) and memory bandwidth (a large copy)."""
-    import torch
-
-    from lora_gpt2.flops import measure_matmul_flops
-
-    device = torch.device(args.device)
-    if args.device == "cuda":
-        native = ["CUDA"] if torch.cuda.is_bf16_supported() else []
-    else:
-        from lora_gpt2.devices import cpu_bf16_features
-
-        native = cpu_bf16_features()
-    # emulated bf16 runs at a few GFLOP/s: a smaller product measures it in seconds, not minutes
-    sizes = {"float32": None, "bfloat16": None if native else 512}
-    out = {f"matmul_{dt}_tflops": measure_matmul_flops(device, _dtype(dt), n=sizes[dt], repeats=5) / 1e12
-           for dt in ("float32", "bfloat16")}
-    out["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
-    out["cpu"] = _cpu_model()
-    out["native_bf16"] = native
-    return out
-
-
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
-
-
 from benchmark_compiled import worker_decode_compiled  # noqa: E402  (the scripts folder is on sys.path)
+from benchmark_machine import copy_bandwidth_gbs, worker_machine  # noqa: E402
 from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402
 
 WORKERS = {"profile": worker_profile, "decode_profile": worker_decode_profile, "decode_compiled": worker_decode_compiled,
