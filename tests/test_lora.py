@@ -217,3 +217,30 @@ def test_fused_loss_and_gradients_equal_the_plain_computation(targets, dtype):
     model(x, targets=y).backward()
     for name, grad in unfused.items():
         torch.testing.assert_close(lora.lora_parameters(model)[name].grad, grad, **tol)
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_fused_loss_faults_in_its_chunk_buffers_once_not_once_per_chunk(adapted):
+    """Under training's allocator setting (allocator.py: blocks of 1 MB and more are mapped fresh
+    and returned when freed), every new (chunk x vocab) tensor is memory the kernel must fault in,
+    page by page. A loss over 16 chunks reuses its two chunk buffers: it faults in about 2
+    buffers' pages, where a new pair per chunk faulted in 32 (4 x 16 = 64k pages here)."""
+    import resource
+
+    from lora_gpt2 import allocator, loss as loss_module
+
+    assert allocator.return_large_frees()
+    torch.manual_seed(0)
+    vocab, chunk, chunks = 8192, 256, 16
+    head = lora.Linear(16, vocab, False, r=2, alpha=2) if adapted else lora.FrozenLinear(16, vocab, False)
+    if adapted:
+        with torch.no_grad():
+            head.lora_b.normal_(std=0.1)
+    h = torch.randn(chunks * chunk, 16, requires_grad=True)
+    y = torch.randint(0, vocab, (chunks * chunk,))
+    loss_module.fused_lm_head_loss(h, head, y, chunk=chunk).backward()  # warm-up: lazy set-up faults too
+    buffer_pages = chunk * vocab * 4 // resource.getpagesize()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loss_module.fused_lm_head_loss(h, head, y, chunk=chunk).backward()
+    faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faulted < 4 * buffer_pages, f"{faulted} page faults; one chunk buffer is {buffer_pages} pages"
