@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .data import Options, ensure_prepared, eval_batches, mask_prompt_for
+from .data import Options, ensure_prepared, eval_batches, located, mask_prompt_for
 from .model import GPT2
 from .train_config import DataSettings, RunSettings
 
@@ -55,6 +55,19 @@ class EvalSettings:
         return Options(self.text_column, self.prompt_column, self.completion_column)
 
 
+COUNTS = ("block_size", "batch_size", "eval_batches")
+
+
+def check_given(data: str | None = None, **counts: Any) -> None:
+    """What can be checked of the given settings before a model loads: the data is there, and
+    each count given is >= 1."""
+    if data is not None:
+        located(data)
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def resolve_settings(recorded: dict[str, Any], context: int, **given: Any) -> EvalSettings:
     """A given value beats the adapter's recorded one, which beats the default; each is checked."""
     values = {}
@@ -68,9 +81,7 @@ def resolve_settings(recorded: dict[str, Any], context: int, **given: Any) -> Ev
         if value is None:
             value = min(default, context) if name == "block_size" else default
         values[name] = value
-    for name in ("block_size", "batch_size", "eval_batches"):
-        if isinstance(values[name], bool) or not isinstance(values[name], int) or values[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    check_given(**{name: values[name] for name in COUNTS})
     if values["block_size"] > context:
         raise ValueError(f"block size {values['block_size']} is longer than the model's context of {context}")
     return EvalSettings(**values)

@@ -125,7 +125,19 @@ def test_export_then_generate_from_the_peft_folder_gives_the_same_text(run_dir, 
 def test_generate_errors_are_one_line(run_dir, cli, args, message):
     full = ["generate", "x", "--device", "cpu"] + (args if "--adapter" in args else ["--adapter", str(run_dir)] + args)
     code, out, err = cli(*full)
-    assert code == 1 and err.strip().splitlines()[-1] == f"lora-gpt2: error: {message}"
+    # the only line: a bad setting is refused before the model loads (gpt2-xl takes seconds to load)
+    assert code == 1 and err.strip().splitlines() == [f"lora-gpt2: error: {message}"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/no/such/data.txt"], "data '/no/such/data.txt' not found: give a text, JSONL or CSV file, or a folder"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--eval-batches", "-2"], "--eval-batches must be >= 1, got -2"),
+    (["--block-size", "0"], "--block-size must be >= 1, got 0"),
+])
+def test_eval_errors_come_before_the_model_loads(run_dir, cli, args, message):
+    code, out, err = cli("eval", "--adapter", run_dir, "--device", "cpu", *args)
+    assert code == 1 and err.strip().splitlines() == [f"lora-gpt2: error: {message}"]
 
 
 def test_prompt_longer_than_the_context_with_no_new_tokens(run_dir, cli):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -84,10 +85,12 @@ def generate_cmd(
 
     if not 0 <= seed <= 2**63 - num_samples:
         raise ValueError(f"seed must be in [0, 2**63 - num_samples], got {seed}")
+    # checked before the model loads, which takes seconds for the larger GPT-2s
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     text = _read_prompt(prompt, prompt_file)
     net, info = _load(adapter, model, dtype, device, force)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_token=tokenizer.EOT_ID if stops_at_eot(stop_at_eot, info) else None)
+    if stops_at_eot(stop_at_eot, info):
+        cfg = dataclasses.replace(cfg, stop_token=tokenizer.EOT_ID)
     session = GenerationSession(net)
     total_tokens, start = 0, time.perf_counter()
     streams = session.stream_samples(text, cfg, [seed + i for i in range(num_samples)], batch_size)
@@ -127,8 +130,9 @@ def eval_cmd(
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
     """Loss and perplexity of the base model and of base + adapter, side by side."""
-    from ..evaluation import compare, resolve_settings
+    from ..evaluation import check_given, compare, resolve_settings
 
+    check_given(data=data, block_size=block_size, batch_size=batch_size, eval_batches=eval_batches)
     net, info = _load(adapter, model, dtype, device, force)
     settings = resolve_settings(info.eval_settings if info else {}, net.config.n_positions, data=data,
                                 block_size=block_size, batch_size=batch_size, eval_batches=eval_batches,

@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 _WHERE = {
-    "Example": "formats", "Options": "formats", "Source": "formats", "resolve": "formats",
+    "Example": "formats", "Options": "formats", "Source": "formats", "located": "formats", "resolve": "formats",
     "Prepared": "prepare", "cache_dir": "prepare", "ensure_prepared": "prepare",
     "IGNORE": "batches", "Batch": "batches", "ExampleBatches": "batches", "PackedBatches": "batches", "TrainBatches": "batches", "counted_targets": "batches",
     "eval_examples": "batches", "eval_windows": "batches", "example_rows": "batches", "open_index": "batches",
@@ -23,7 +23,7 @@ __all__ = sorted([*_WHERE, "eval_batches", "mask_prompt_for", "train_batches"])
 if TYPE_CHECKING:
     from .batches import (IGNORE, Batch, ExampleBatches, PackedBatches, TrainBatches, counted_targets, eval_examples, eval_windows,
                           example_rows, open_index, open_tokens)
-    from .formats import Example, Options, Source, resolve
+    from .formats import Example, Options, Source, located, resolve
     from .prepare import Prepared, cache_dir, ensure_prepared
 
 

@@ -315,11 +315,17 @@ def _split_files(folder: Path, suffix: str) -> dict[str, tuple[Path, ...]]:
     return files
 
 
-def resolve(data: str | Path, options: Options = Options()) -> Source:
-    """The Source a `--data` value names, or a DataError saying what is wrong with it."""
+def located(data: str | Path) -> Path:
+    """The path a `--data` value names, or a DataError when nothing is there."""
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"data {str(data)!r} not found: give a text, JSONL or CSV file, or a folder")
+    return path
+
+
+def resolve(data: str | Path, options: Options = Options()) -> Source:
+    """The Source a `--data` value names, or a DataError saying what is wrong with it."""
+    path = located(data)
     if path.is_file():
         return _file_source(path, options)
     return _folder_source(path, options)
