@@ -334,7 +334,9 @@ def _profile_lines(results: dict) -> list[str]:
                          f"{100 * bound_ms / alone:.0f}% of the bandwidth bound, the step {100 * bound_ms / step:.0f}%; "
                          f"the other {step - alone:.1f} ms are the ops between the products and Python")
     got = results.get("decode_compiled")
-    if got is not None:
+    if got is not None and "unavailable" in got:
+        lines.append(f"a compiled decoding step could not be measured here: {got['unavailable']}")
+    elif got is not None:
         lines.append(f"a compiled decoding step (torch.compile, static shapes, the packed products as a custom op): "
                      f"{got['compiled_tokens_per_s']:.1f} tokens/s against {got['eager_tokens_per_s']:.1f} for the "
                      f"eager step (median of 5 alternating rounds; compiling took {got['compile_s']:.0f} s)")

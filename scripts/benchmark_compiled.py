@@ -104,7 +104,10 @@ def worker_decode_compiled(args) -> dict:
 
     with torch.inference_mode():
         start = time.perf_counter()
-        compiled_tokens = decode(True)
+        try:
+            compiled_tokens = decode(True)
+        except Exception as e:  # inductor needs a C++ compiler, among other things: the rest of the run goes on
+            return {"unavailable": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
         compile_s = time.perf_counter() - start
         eager_tokens = decode(False)
         speeds: dict[str, list[float]] = {"eager": [], "compiled": []}
