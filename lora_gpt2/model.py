@@ -131,9 +131,12 @@ class Attention(nn.Module):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.qkv_projection(x)  # (B, T, 3C)
-        # views of the product (no copy), each (B, nh, T, hs): one permute instead of split, 3 views
-        # and 3 transposes, which is Python per layer when decoding
-        q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        # split, not one permute + unbind: the same views, but unbind's backward (a stack) made a
+        # GPT-2 small training step about 1% slower
+        q, k, v = qkv.split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if isinstance(kv, list):  # one cache per row, each at its own length; one new token per row
             y = torch.cat([_attend_cached(q[i : i + 1], k[i : i + 1], v[i : i + 1], row) for i, row in enumerate(kv)])
         elif mask is not None:
