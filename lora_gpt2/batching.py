@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bank import AdapterBank
-from .generate import NOT_FINITE, SamplingConfig, next_token
+from .generate import NOT_FINITE, SamplingConfig, sample_token
 from .model import KVCache
 
 
@@ -97,7 +97,7 @@ class BatchDecoder:
                 self._end(request, "error", events)
                 continue
             sampled = request.cfg.temperature != 0
-            token = int(next_token(request.logits, request.cfg, request.generator)) if sampled else best
+            token = int(sample_token(request.logits, request.cfg, request.generator)) if sampled else best
             if request.cfg.max_new_tokens == 0 or token == request.cfg.stop_token:
                 self._end(request, "length" if request.cfg.max_new_tokens == 0 else "stop", events)
                 continue

@@ -108,6 +108,12 @@ def _chosen(picks: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
     """Pick the next token (B,) from the last position's logits (B, V), all rows with one generator."""
     checked_logits(logits)
+    return sample_token(logits, cfg, generator)
+
+
+def sample_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
+    """`next_token` for logits whose finiteness the caller has checked (the server checks a
+    whole batch at once)."""
     candidates = _candidates(logits, cfg)
     if candidates is None:
         return logits.argmax(dim=-1)

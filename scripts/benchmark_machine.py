@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a GPU's), so that a clock read after it means something."""
     import torch
 
     if device == "cuda":
@@ -67,9 +68,9 @@ def copy_bandwidth_gbs(device: str, repeats: int = 5) -> float:
     y = torch.empty_like(x)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         y.copy_(x)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * x.numel() * 4 / best / 1e9  # read + write

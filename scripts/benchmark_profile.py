@@ -71,11 +71,10 @@ def worker_decode_profile(args) -> dict:
     its speed, then under the profiler for where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lora_gpt2 import load_pretrained
-    from lora_gpt2.generate import GenerationSession, SamplingConfig
+    from benchmark_workers import _session
+    from lora_gpt2.generate import SamplingConfig
 
-    session = GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                                device=args.device).eval())
+    session = _session(args)
     prompt, n = list(range(100, 116)), 64
     cfg = SamplingConfig(max_new_tokens=n, temperature=0)
 

@@ -26,13 +26,6 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _batches(args):
     import numpy as np
 
@@ -233,11 +226,7 @@ def _rounds_with_bandwidth(run, tokens: int, device: str, rounds: int = 3) -> di
     speeds, shares_of = [], []
     for _ in range(rounds):
         before = copy_bandwidth_gbs(device)
-        _sync(device)
-        start = time.perf_counter()
-        made = run(tokens)
-        _sync(device)
-        speed = made / (time.perf_counter() - start)
+        speed = _measure(run, tokens, device)[1]
         speeds.append(speed)
         shares_of.append((speed, (before + copy_bandwidth_gbs(device)) / 2))
     middle = sorted(shares_of, key=lambda pair: pair[0] / pair[1])[len(shares_of) // 2]
@@ -258,11 +247,17 @@ def _session(args):
 def _timed(run, tokens: int, device: str) -> dict:
     """Tokens/s of run(tokens) (which returns the tokens it made), after a short warm-up."""
     run(8)
+    made, speed = _measure(run, tokens, device)
+    return {"tokens_per_s": speed, "tokens": made}
+
+
+def _measure(run, tokens: int, device: str) -> tuple[int, float]:
+    """(tokens made, tokens/s) of one run(tokens)."""
     _sync(device)
     start = time.perf_counter()
     made = run(tokens)
     _sync(device)
-    return {"tokens_per_s": made / (time.perf_counter() - start), "tokens": made}
+    return made, made / (time.perf_counter() - start)
 
 
 def _peft_for_decoding(args):
@@ -338,7 +333,7 @@ def _dtype(name: str):
 
 
 from benchmark_compiled import worker_decode_compiled  # noqa: E402  (the scripts folder is on sys.path)
-from benchmark_machine import copy_bandwidth_gbs, worker_machine  # noqa: E402
+from benchmark_machine import copy_bandwidth_gbs, sync as _sync, worker_machine  # noqa: E402
 from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402
 
 WORKERS = {"profile": worker_profile, "decode_profile": worker_decode_profile, "decode_compiled": worker_decode_compiled,

@@ -151,6 +151,7 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
         raise ValueError(f"the server on {host}:{port} failed: {failed[0] if failed else 'it did not start'}")
     say(f"stopped; {cut[0]} unfinished completion(s) cut off" if cut and cut[0] else "stopped")
 
+
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, made here so that a taken port or a wrong address is one clear line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
