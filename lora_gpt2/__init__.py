@@ -11,7 +11,7 @@ __all__ = ["__version__", "load_pretrained"]
 
 def __getattr__(name: str):
     if name == "load_pretrained":
-        from .weights import load_pretrained
+        from .checkpoints.hf import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'lora_gpt2' has no attribute {name!r}")

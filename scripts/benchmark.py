@@ -37,10 +37,19 @@ SIZES = {  # GPT-2 family shapes (n_layer, n_head, n_embd)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-import benchmark_serve  # noqa: E402  (the script's folder is on sys.path)
-from benchmark_workers import WORKERS as _WORKERS  # noqa: E402
+# the script's folder is on sys.path; each worker runs in its own process (see `spawn`)
+from benchmark_compiled import worker_decode_compiled  # noqa: E402
+from benchmark_machine import worker_machine  # noqa: E402
+from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402
+import benchmark_serve  # noqa: E402
+from benchmark_serve import worker_serve_peft  # noqa: E402
+from benchmark_workers import (worker_examples, worker_generate, worker_prepare, worker_samples,  # noqa: E402
+                               worker_startup, worker_train)
 
-WORKERS = {**_WORKERS, **benchmark_serve.WORKERS}
+WORKERS = {"machine": worker_machine, "train": worker_train, "generate": worker_generate, "startup": worker_startup,
+           "samples": worker_samples, "examples": worker_examples, "prepare": worker_prepare,
+           "profile": worker_profile, "decode_profile": worker_decode_profile,
+           "decode_compiled": worker_decode_compiled, "serve_peft": worker_serve_peft}
 
 # ---------------------------------------------------------------- the parent: plan, run, report
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
@@ -79,7 +88,7 @@ def make_checkpoint(size: str, directory: Path) -> None:
 
 def flops_per_token(size: str, block: int) -> float:
     from lora_gpt2.config import ModelConfig
-    from lora_gpt2.flops import lora_training_flops_per_token
+    from lora_gpt2.training.flops import lora_training_flops_per_token
 
     n_layer, n_head, n_embd = SIZES[size]
     return lora_training_flops_per_token(ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd), block)

@@ -18,12 +18,12 @@ _PACKED: dict = {}  # key -> a packed weight, read by the custom op
 def _packed_op():
     import torch
 
-    from lora_gpt2 import packed
+    from lora_gpt2.inference.layouts import blocked_linear
 
     @torch.library.custom_op("lora_gpt2_bench::packed_linear", mutates_args=(),
                              schema="(Tensor x, Tensor? bias, int key, int out_features) -> Tensor")
     def packed_linear(x, bias, key, out_features):
-        return packed.linear(x, _PACKED[key], bias)
+        return blocked_linear(x, _PACKED[key], bias)
 
     @packed_linear.register_fake
     def _(x, bias, key, out_features):
@@ -32,7 +32,7 @@ def _packed_op():
     return packed_linear
 
 
-def _static_step(model, positions: int):
+def _static_step(model, copies: dict, positions: int):
     """step(token (1, 1), position (1,), keys, values) -> the next greedy token (1,), writing the
     position's keys and values into the full-length caches."""
     import torch
@@ -46,9 +46,9 @@ def _static_step(model, positions: int):
     approximate = ACTIVATIONS[cfg.activation]
 
     def product(module) -> tuple:
-        if getattr(module, "packed", None) is None:
-            raise SystemExit("the compiled step needs every linear packed (a CPU session)")
-        _PACKED[len(_PACKED)] = module.packed
+        if module not in copies:
+            raise SystemExit("the compiled step needs every linear blocked (a CPU session)")
+        _PACKED[len(_PACKED)] = copies[module].blocked
         return len(_PACKED) - 1, module.bias, module.out_features
 
     blocks = [(b.attn_norm, product(b.attn.qkv_projection), product(b.attn.output_projection), b.ffn_norm,
@@ -81,14 +81,14 @@ def _static_step(model, positions: int):
 def worker_decode_compiled(args) -> dict:
     import torch
 
-    from lora_gpt2.model import KVCache
-    from benchmark_workers import _session
+    from lora_gpt2.model.gpt2 import KVCache
+    from benchmark_common import session as make_session
 
-    session = _session(args)
+    session = make_session(args)
     model = session.model
     prompt, n = list(range(100, 116)), 64
     positions = len(prompt) + n
-    step = torch.compile(_static_step(model, positions), fullgraph=True, dynamic=False)
+    step = torch.compile(_static_step(model, session.layout.copies, positions), fullgraph=True, dynamic=False)
 
     def decode(compiled: bool) -> list[int]:
         cache = KVCache.empty(model.config, 1, model.frozen_dtype(), "cpu", positions)

@@ -8,20 +8,14 @@ import os
 import time
 from pathlib import Path
 
-
-def sync(device: str) -> None:
-    """Wait for the device's queued work (a GPU's), so that a clock read after it means something."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
+from benchmark_common import sync  # the scripts folder is on sys.path
 
 
 def worker_machine(args) -> dict:
     """Dense matmul FLOP/s (fp32, bf16) and memory bandwidth (a large copy)."""
     import torch
 
-    from lora_gpt2.flops import measure_matmul_flops
+    from lora_gpt2.training.flops import measure_matmul_flops
 
     device = torch.device(args.device)
     if args.device == "cuda":

@@ -26,7 +26,7 @@ def worker_profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lora_gpt2 import distributed, train_config as tc
+    from lora_gpt2.training import distributed, config as tc
     from lora_gpt2.training import Trainer, factory
 
     torch.manual_seed(0)
@@ -71,10 +71,10 @@ def worker_decode_profile(args) -> dict:
     its speed, then under the profiler for where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmark_workers import _session
-    from lora_gpt2.generate import SamplingConfig
+    from benchmark_common import session as make_session
+    from lora_gpt2.inference.sampling import SamplingConfig
 
-    session = _session(args)
+    session = make_session(args)
     prompt, n = list(range(100, 116)), 64
     cfg = SamplingConfig(max_new_tokens=n, temperature=0)
 
@@ -97,21 +97,22 @@ def worker_decode_profile(args) -> dict:
         by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1000 / n
     by_kind["Python and waiting"] = max(0.0, profiled_ms - sum(by_kind.values()))
     return {"ms_per_token": best, "profiled_ms_per_token": profiled_ms, "ms_per_token_by_kind": by_kind,
-            **_decode_parts(session.model)}
+            **_decode_parts(session)}
 
 
-def _decode_parts(model, rounds: int = 5, reps: int = 10) -> dict:
+def _decode_parts(session, rounds: int = 5, reps: int = 10) -> dict:
     """One decoding step (forward of one token at a 32-token cache, and its argmax) against its
-    packed products alone, run back to back with the same shapes: the products are the step's
+    blocked products alone (the session's decode-time layout), run back to back with the same shapes: the products are the step's
     floor, the rest is the ops between them and Python. The copy bandwidth is measured in the same
-    rounds; each figure is the median round's. Empty where nothing is packed (not a CPU)."""
+    rounds; each figure is the median round's. Empty where nothing is blocked (not a CPU)."""
     import torch
 
     from benchmark_machine import copy_bandwidth_gbs
-    from lora_gpt2 import packed
-    from lora_gpt2.model import KVCache
+    from lora_gpt2.inference.layouts import blocked_linear
+    from lora_gpt2.model.gpt2 import KVCache
 
-    layers = [m for m in model.modules() if getattr(m, "packed", None) is not None]
+    model, copies = session.model, list(session.layout.copies.values())
+    layers = [c.module for c in copies]
     if not layers:
         return {}
     inputs = [torch.randn(1, 1, m.in_features) for m in layers]
@@ -129,8 +130,8 @@ def _decode_parts(model, rounds: int = 5, reps: int = 10) -> dict:
         model(token, cache, at=-1).argmax(dim=-1).tolist()
 
     def products() -> None:
-        for m, x in zip(layers, inputs):
-            packed.linear(x, m.packed, m.bias)
+        for c, x in zip(copies, inputs):
+            blocked_linear(x, c.blocked, c.module.bias)
 
     got: dict[str, list[float]] = {"step_ms": [], "products_ms": [], "bandwidth_gbs": []}
     with torch.inference_mode():

@@ -218,9 +218,6 @@ def worker_serve_peft(args) -> dict:
     return {"one_at_a_time_tokens_per_s": one, "mixed_batch_tokens_per_s": batch}
 
 
-WORKERS = {"serve_peft": worker_serve_peft}
-
-
 def lines(results: dict) -> list[str]:
     if "serve_1" not in results:
         return []

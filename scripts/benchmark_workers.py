@@ -13,17 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark_common import dtype, measure, peak_memory_mb, session, sync, timed  # the scripts folder is on sys.path
+from benchmark_machine import copy_bandwidth_gbs
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peak_memory_mb(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _batches(args):
@@ -56,7 +49,7 @@ def worker_train(args) -> dict:
         if not args.memory_cap_mb:
             raise
         return {"completed": False, "error": " ".join(str(exc).split())[:160],
-                "peak_mb": _peak_memory_mb(args.device)}
+                "peak_mb": peak_memory_mb(args.device)}
 
 
 def _train(args) -> dict:
@@ -67,7 +60,7 @@ def _train(args) -> dict:
     batches, _ = _batches(args)
     bf16 = args.dtype == "bfloat16"
     if args.system == "lora-gpt2":
-        from lora_gpt2 import distributed, train_config as tc
+        from lora_gpt2.training import distributed, config as tc
         from lora_gpt2.training import Trainer, factory
 
         cfg = tc.resolve(tc.flag_values(dict(
@@ -110,14 +103,14 @@ def _train(args) -> dict:
 
     for i in range(args.warmup):
         step(i)
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         loss = step(i)
-    _sync(args.device)
+    sync(args.device)
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch_size * args.block_size
-    return {"tokens_per_s": tokens / seconds, "peak_mb": _peak_memory_mb(args.device), "last_loss": loss,
+    return {"tokens_per_s": tokens / seconds, "peak_mb": peak_memory_mb(args.device), "last_loss": loss,
             "completed": True}
 
 
@@ -138,7 +131,7 @@ def worker_examples(args) -> dict:
     """Counted tokens/s of lora-gpt2 on prompt/completion data: padded rows or packed rows."""
     import torch
 
-    from lora_gpt2 import distributed, train_config as tc
+    from lora_gpt2.training import distributed, config as tc
     from lora_gpt2.training import Trainer, factory
 
     torch.manual_seed(0)
@@ -152,16 +145,16 @@ def worker_examples(args) -> dict:
     for i in range(args.warmup):
         trainer.run_.step = i
         trainer.train_step()
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         trainer.run_.step = i
         processed += trainer.run_.batches.get(i).x.numel()
         counted += trainer.train_step()[1]
-    _sync(args.device)
+    sync(args.device)
     seconds = time.perf_counter() - start
     return {"counted_tokens_per_s": counted / seconds, "counted_share": counted / processed,
-            "peak_mb": _peak_memory_mb(args.device)}
+            "peak_mb": peak_memory_mb(args.device)}
 
 
 def worker_prepare(args) -> dict:
@@ -197,9 +190,9 @@ def worker_generate(args) -> dict:
     prompt = prompt.tolist()
     n = args.new_tokens
     if args.system == "lora-gpt2":
-        from lora_gpt2.generate import SamplingConfig
+        from lora_gpt2.inference.sampling import SamplingConfig
 
-        session = _session(args)
+        session = session(args)
 
         def run(k: int) -> int:
             stream = session.stream(prompt, SamplingConfig(max_new_tokens=k, temperature=0))
@@ -226,7 +219,7 @@ def _rounds_with_bandwidth(run, tokens: int, device: str, rounds: int = 3) -> di
     speeds, shares_of = [], []
     for _ in range(rounds):
         before = copy_bandwidth_gbs(device)
-        speed = _measure(run, tokens, device)[1]
+        speed = measure(run, tokens, device)[1]
         speeds.append(speed)
         shares_of.append((speed, (before + copy_bandwidth_gbs(device)) / 2))
     middle = sorted(shares_of, key=lambda pair: pair[0] / pair[1])[len(shares_of) // 2]
@@ -234,38 +227,12 @@ def _rounds_with_bandwidth(run, tokens: int, device: str, rounds: int = 3) -> di
             "bandwidth_gbs": middle[1], "tokens_per_s_at_that_bandwidth": middle[0]}
 
 
-def _session(args):
-    """lora-gpt2's side of the decoding figures: a session, as `generate` uses (the frozen weights
-    get their decode-time layout), over GPT-2 with a LoRA on qkv_projection."""
-    from lora_gpt2 import load_pretrained
-    from lora_gpt2.generate import GenerationSession
-
-    return GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                             device=args.device, dtype=_dtype(args.dtype)).eval())
-
-
-def _timed(run, tokens: int, device: str) -> dict:
-    """Tokens/s of run(tokens) (which returns the tokens it made), after a short warm-up."""
-    run(8)
-    made, speed = _measure(run, tokens, device)
-    return {"tokens_per_s": speed, "tokens": made}
-
-
-def _measure(run, tokens: int, device: str) -> tuple[int, float]:
-    """(tokens made, tokens/s) of one run(tokens)."""
-    _sync(device)
-    start = time.perf_counter()
-    made = run(tokens)
-    _sync(device)
-    return made, made / (time.perf_counter() - start)
-
-
 def _peft_for_decoding(args):
     """transformers' GPT-2 with a PEFT LoRA on c_attn, as the lora-gpt2 side adapts qkv_projection."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype)).to(args.device)
+    model = GPT2LMHeadModel.from_pretrained(args.checkpoint, dtype=dtype(args.dtype)).to(args.device)
     return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["c_attn"],
                                             fan_in_fan_out=True)).eval()
 
@@ -279,9 +246,9 @@ def worker_samples(args) -> dict:
     _, prompt = _batches(args)
     prompt, n, k = prompt.tolist(), args.samples, args.new_tokens
     if args.system == "lora-gpt2":
-        from lora_gpt2.generate import SamplingConfig
+        from lora_gpt2.inference.sampling import SamplingConfig
 
-        session = _session(args)
+        session = session(args)
 
         def run(tokens: int) -> int:
             cfg = SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_k=200)
@@ -300,7 +267,7 @@ def worker_samples(args) -> dict:
                                      num_return_sequences=n, pad_token_id=0)
             return (out.size(1) - ids.size(1)) * out.size(0)
 
-    return {**_timed(run, k, args.device), "samples": n}
+    return {**timed(run, k, args.device), "samples": n}
 
 
 def worker_startup(args) -> dict:
@@ -324,18 +291,3 @@ def worker_startup(args) -> dict:
     ready = time.time()
     rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
     return {"seconds": ready - args.spawned_at, "rss_mb": rss}
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-from benchmark_compiled import worker_decode_compiled  # noqa: E402  (the scripts folder is on sys.path)
-from benchmark_machine import copy_bandwidth_gbs, sync as _sync, worker_machine  # noqa: E402
-from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402
-
-WORKERS = {"profile": worker_profile, "decode_profile": worker_decode_profile, "decode_compiled": worker_decode_compiled,
-           "train": worker_train, "generate": worker_generate, "startup": worker_startup, "samples": worker_samples,
-           "machine": worker_machine, "examples": worker_examples, "prepare": worker_prepare}

@@ -29,7 +29,7 @@ def make_hf_model(seed: int = 0, **overrides):
 
 def randomize_adapters(model, seed: int, scale: float):
     """Random adapter tensors in place (a fresh adapter equals the base model, which hides mistakes)."""
-    from lora_gpt2.lora import lora_parameters
+    from lora_gpt2.adapters.lora import lora_parameters
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -54,7 +54,7 @@ SAMPLE_TEXT = "".join(
 
 def train_config(checkpoint: str, data, out, **overrides):
     """A tiny, fast TrainConfig; keyword overrides go to the right section."""
-    from lora_gpt2 import train_config as tc
+    from lora_gpt2.training import config as tc
 
     flags = dict(model=checkpoint, data=str(data), out=str(out), targets=("qkv_projection",), rank=4,
                  alpha=8.0, dropout=0.0, dtype="float32", block_size=32, batch_size=4, max_steps=12,
@@ -75,7 +75,7 @@ def cli_command(*args) -> list[str]:
 @contextlib.contextmanager
 def built_trainer(config, resume: str = "no"):
     """A Trainer over a built run, with the run's own subscribers; the run's lock is released after."""
-    from lora_gpt2 import distributed
+    from lora_gpt2.training import distributed
     from lora_gpt2.training import Trainer, factory
     from lora_gpt2.training.loop import default_subscribers
 

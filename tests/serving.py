@@ -7,11 +7,13 @@ import time
 
 import pytest
 
-from lora_gpt2 import checkpoint, load_pretrained, tokenizer
-from lora_gpt2.adapters import read_adapter
-from lora_gpt2.bank import AdapterBank
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2 import load_pretrained, tokenizer
+from lora_gpt2.checkpoints.reading import read_adapter
+from lora_gpt2.inference.bank import AdapterBank
 from lora_gpt2.config import LoRAConfig
-from lora_gpt2.generate import SamplingConfig, generate
+from lora_gpt2.inference.sampling import SamplingConfig
+from lora_gpt2.inference.session import generate
 
 from helpers import make_hf_model, randomize_adapters, save_hf_model
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_gpt2 import checkpoint, load_pretrained
-from lora_gpt2.adapters import load_with_adapter
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2 import load_pretrained
+from lora_gpt2.checkpoints.reading import load_with_adapter
 from lora_gpt2.errors import CheckpointError
-from lora_gpt2.lora import lora_parameters
-from lora_gpt2.merge import write_merged
-from lora_gpt2.peft_io import export_peft
+from lora_gpt2.adapters.lora import lora_parameters
+from lora_gpt2.checkpoints.merged import write_merged
+from lora_gpt2.checkpoints.peft import export_peft
 
 from helpers import make_hf_model
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from lora_gpt2 import load_pretrained
-from lora_gpt2.bank import AdapterBank
+from lora_gpt2.inference.bank import AdapterBank
 from lora_gpt2.config import LoRAConfig
 from lora_gpt2.errors import CheckpointError
-from lora_gpt2.generate import SamplingConfig, generate
-from lora_gpt2.lora import lora_parameters
-from lora_gpt2.model import KVCache
+from lora_gpt2.inference.sampling import SamplingConfig
+from lora_gpt2.inference.session import generate
+from lora_gpt2.adapters.lora import lora_parameters
+from lora_gpt2.model.gpt2 import KVCache
 
 from helpers import make_hf_model, randomize_adapters, save_hf_model
 
@@ -100,9 +101,9 @@ def test_what_a_bank_refuses(world):
 def test_adapters_from_disk_lora_gpt2_and_peft(world, tmp_path):
     from safetensors.torch import load_file
 
-    from lora_gpt2 import checkpoint
-    from lora_gpt2.adapters import read_adapter
-    from lora_gpt2.peft_io import export_peft
+    from lora_gpt2.checkpoints import adapter_dir as checkpoint
+    from lora_gpt2.checkpoints.reading import read_adapter
+    from lora_gpt2.checkpoints.peft import export_peft
 
     path, singles, _ = world
     base = load_pretrained(path, lora=LoRAConfig(targets=())).eval()
@@ -141,14 +142,14 @@ def run_all(decoder, requests_at):
 def test_continuous_batching_equals_generate_for_every_request(world, max_batch, temperature):
     """Three adapters and the base, prompts of different lengths, joining at different steps:
     each request gets exactly what `generate` gives it alone (greedy, and sampled with its seed)."""
-    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.inference.decoding import Decoder
 
     _, singles, bank = world
     plan = [(0, [464, 2068, 7586], "attn", 9, 1), (0, [50256], None, 12, 2),
             (2, [464, 2068, 7586, 21831, 18045, 625, 262], "everything", 7, 3), (3, [40, 1101], "last-block", 10, 4),
             (3, [464, 2068, 7586], "attn", 6, 5)]
     cfgs = [SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=50) for *_, n, _ in plan]
-    decoder = BatchDecoder(bank, max_batch=max_batch)
+    decoder = Decoder(bank.model, bank, max_batch=max_batch)
     done = run_all(decoder, [(at, (prompt, name, cfg, seed))
                              for (at, prompt, name, _, seed), cfg in zip(plan, cfgs)])
     for request, (_, prompt, name, n, seed), cfg in zip(done, plan, cfgs):
@@ -162,14 +163,14 @@ def test_continuous_batching_equals_generate_for_every_request(world, max_batch,
 def test_requests_joining_together_are_prefilled_together_and_stay_exact(world, temperature):
     """Six requests at once over three adapters and the base: two prefill forwards (grouped by
     prompt length), and each request still gets exactly what `generate` gives it alone."""
-    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.inference.decoding import Decoder
 
     _, singles, bank = world
     prompts = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 383, 2068], [464, 2068, 7586],
                [50256], [40, 1101, 257], [464, 2068, 7586, 21831], [464, 2068, 7586, 21831, 18045]]
     names = ["attn", "everything", None, "last-block", "attn", "everything"]
     cfg = SamplingConfig(max_new_tokens=8, temperature=temperature, top_k=50)
-    decoder = BatchDecoder(bank, max_batch=16)
+    decoder = Decoder(bank.model, bank, max_batch=16)
     requests = [decoder.submit(p, n, cfg, seed=30 + i) for i, (p, n) in enumerate(zip(prompts, names))]
     model, calls = bank.model, []
     model.hidden_states = lambda *a, **k: calls.append(a[0].shape) or type(model).hidden_states(model, *a, **k)
@@ -188,10 +189,10 @@ def test_requests_joining_together_are_prefilled_together_and_stay_exact(world, 
 
 
 def test_prefill_groups_bound_the_padding():
-    from lora_gpt2.batching import PREFILL_TOKENS, Request, prefill_groups
+    from lora_gpt2.inference.decoding import PREFILL_TOKENS, Sequence, prefill_groups
 
     def lengths(*ns):
-        groups = prefill_groups([Request([1] * n, None, SamplingConfig(), None) for n in ns])
+        groups = prefill_groups([Sequence([1] * n, None, SamplingConfig(), None) for n in ns])
         return [[len(r.prompt) for r in g] for g in groups]
 
     assert lengths(12, 3, 1, 5, 3, 4) == [[1, 3, 3, 4], [5, 12]]
@@ -202,14 +203,14 @@ def test_prefill_groups_bound_the_padding():
 
 
 def test_stops_and_cancellations_leave_the_others_untouched(world):
-    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.inference.decoding import Decoder
 
     _, singles, bank = world
     greedy = SamplingConfig(max_new_tokens=10, temperature=0)
     free = list(generate(singles["attn"], [464, 2068], greedy))
     j = next(j for j in range(1, 10) if free[j] not in free[:j])  # a token that first appears at j
     stopping = SamplingConfig(max_new_tokens=10, temperature=0, stop_token=free[j])
-    decoder = BatchDecoder(bank)
+    decoder = Decoder(bank.model, bank)
     a = decoder.submit([464, 2068], "attn", stopping)
     b = decoder.submit([464, 2068], "everything", greedy)
     c = decoder.submit([464, 2068], "last-block", greedy)
@@ -228,7 +229,7 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(world):
     shared its batches are untouched (rows never mix), through the decoder and the server's engine."""
     import queue
 
-    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.inference.decoding import Decoder
     from lora_gpt2.serve.engine import Engine, Job
 
     path, singles, _ = world
@@ -240,7 +241,7 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(world):
     broken[key] = torch.full_like(broken[key], float("inf"))
     bank.add("broken", ADAPTERS["attn"], broken)
     greedy = SamplingConfig(max_new_tokens=6, temperature=0)
-    decoder = BatchDecoder(bank)
+    decoder = Decoder(bank.model, bank)
     good, bad, base = (decoder.submit([464, 2068], name, greedy) for name in ("attn", "broken", None))
     while decoder.busy:
         decoder.step()
@@ -259,10 +260,10 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(world):
 
 
 def test_a_decoder_refuses_what_cannot_run(world):
-    from lora_gpt2.batching import BatchDecoder
+    from lora_gpt2.inference.decoding import Decoder
 
     _, _, bank = world
-    decoder = BatchDecoder(bank)
+    decoder = Decoder(bank.model, bank)
     context = bank.model.config.n_positions
     with pytest.raises(ValueError, match=f"prompt of 10 tokens \\+ max_tokens {context} is more than the "
                                          f"model's context of {context}"):

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from lora_gpt2 import load_pretrained
-from lora_gpt2.generate import GenerationSession, SamplingConfig
+from lora_gpt2.inference.sampling import SamplingConfig
+from lora_gpt2.adapters import lora
+from lora_gpt2.inference.layouts import DecodeLayout
+from lora_gpt2.inference.session import GenerationSession
 
 from helpers import make_hf_model, randomize_adapters, save_hf_model
 
@@ -107,68 +110,94 @@ def adapted(tmp_path):
     return randomize_adapters(model, seed=1, scale=0.05).eval()
 
 
-needs_packing = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing")
+needs_blocking = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN blocked weights")
 
 
-@needs_packing
-def test_packed_decoding_weights_give_the_same_logits(adapted):
+def _module_state(model):
+    """Everything a module carries, by path: what a decode-time layout must leave as it was."""
+    return {name: (sorted(vars(m)), dict(m._forward_hooks), dict(m._forward_pre_hooks))
+            for name, m in model.named_modules()}
+
+
+@needs_blocking
+def test_blocked_decoding_weights_give_the_same_logits(adapted):
     ids = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain = adapted(ids)
-        assert adapted.pack_for_decoding() == 2 * 4 + 1  # 4 linear layers per block, 2 blocks, lm_head
-        packed = adapted(ids)
-    torch.testing.assert_close(packed, plain, rtol=0, atol=2e-5)
+        with DecodeLayout(adapted) as layout:
+            assert len(layout.copies) == 2 * 4 + 1  # 4 linear layers per block, 2 blocks, lm_head
+            blocked = adapted(ids)
+    torch.testing.assert_close(blocked, plain, rtol=0, atol=2e-5)
 
 
-@needs_packing
-def test_decoding_folds_each_update_into_its_packed_copy_and_notices_changes(adapted):
+@needs_blocking
+def test_a_decode_layout_leaves_nothing_on_the_model(adapted):
+    """The layer holds its maths: a session's blocked copies live in the session, and when it
+    ends every module has exactly the attributes and hooks it had, and computes as before."""
+    before = _module_state(adapted)
+    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        plain = adapted(ids)
+    session = GenerationSession(adapted)
+    assert _module_state(adapted) != before  # installed: forwards are swapped
+    session.close()
+    assert _module_state(adapted) == before
+    layer = adapted.blocks[0].attn.qkv_projection
+    assert "forward" not in vars(layer) and type(layer).forward is lora.Linear.forward
+    with torch.inference_mode():
+        assert torch.equal(adapted(ids), plain)
+
+
+@needs_blocking
+def test_decoding_folds_each_update_into_its_blocked_copy_and_notices_changes(adapted):
     """While decoding, an adapted layer is one product with W + s·B·A; changed adapter tensors, a
     disabled adapter or a merge go back to the exact unfolded forward."""
     ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(4))
     layer = adapted.blocks[0].attn.qkv_projection
     x = torch.randn(2, 7, layer.in_features)
+    layout = DecodeLayout(adapted)
     with torch.inference_mode():
         plain, plain_layer = adapted(ids), layer(x)
-        adapted.pack_for_decoding()
-        assert all(m.folded is not None for m in adapted.lora_layers().values())
-        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], ""))
+        layout.install()
+        blocked = layout.copies[layer].blocked
+        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, blocked, layer.bias, "none", [], ""))
         torch.testing.assert_close(layer(x), plain_layer, rtol=0, atol=2e-5)
         torch.testing.assert_close(adapted(ids), plain, rtol=0, atol=2e-5)
         with adapted.lora_disabled():  # the base model: the folded copy must not be read
             base = adapted(ids)
-    adapted.unpack()
+    layout.remove()
     with torch.inference_mode(), adapted.lora_disabled():
         torch.testing.assert_close(base, adapted(ids), rtol=0, atol=0)
-    adapted.pack_for_decoding()
-    with torch.no_grad():  # new adapter values after packing (e.g. another adapter loaded in place)
+    layout.install()
+    with torch.no_grad():  # new adapter values after blocking (e.g. another adapter loaded in place)
         for m in adapted.lora_layers().values():
             m.lora_b.mul_(-2.0)
     with torch.inference_mode():
         changed = adapted(ids)
-    adapted.unpack()
+    layout.remove()
     with torch.inference_mode():
         torch.testing.assert_close(changed, adapted(ids), rtol=0, atol=0)  # computed unfolded, exactly
         assert (changed - plain).abs().max() > 1e-2
 
 
-@needs_packing
-def test_training_and_merging_never_read_a_packed_copy(adapted):
+@needs_blocking
+def test_training_and_merging_never_read_a_blocked_copy(adapted):
     ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = adapted(ids, targets=ids).item()
-    adapted.pack_for_decoding()
+    layout = DecodeLayout(adapted)
+    layout.install()
     with torch.inference_mode():
         before = adapted(ids)
-    adapted.merge()  # folds the updates into the weights: packed copies of the old ones must go
-    assert all(layer.packed is None for layer in adapted.lora_layers().values())
+    adapted.merge()  # folds the updates into the weights: copies of the old ones must not be read
     with torch.inference_mode():
         torch.testing.assert_close(adapted(ids), before, rtol=0, atol=5e-5)
     adapted.unmerge()
-    adapted.pack_for_decoding()
-    for module in adapted.modules():  # spoil every packed copy: a read of one would show
-        if getattr(module, "packed", None) is not None:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(module.weight))
+    layout.install()
+    for copy in layout.copies.values():  # spoil every blocked copy: a read of one would show
+        copy.blocked = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(copy.module.weight))
     loss = adapted(ids, targets=ids)  # with gradients: F.linear on the real weights
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
+    layout.remove()

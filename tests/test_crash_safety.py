@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_gpt2 import checkpoint
-from lora_gpt2.adapters import load_with_adapter
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2.checkpoints.reading import load_with_adapter
 from lora_gpt2.errors import WriteError
 from lora_gpt2.training import train
 
@@ -28,7 +28,7 @@ STEPS = 150
 CHILD = """
 import os, sys, time
 from pathlib import Path
-from lora_gpt2 import checkpoint
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
 from lora_gpt2.cli import main, train_cmd
 phase, at = os.environ["KILL_PHASE"], int(os.environ["KILL_AT"])
 saving = {}
@@ -126,7 +126,7 @@ def test_sigkill_at_aimed_moments_never_loses_the_run(tiny_checkpoint, text_data
 
 def test_disk_full_stops_with_the_path_and_keeps_the_previous_checkpoint(tiny_checkpoint, text_data, tmp_path,
                                                                          monkeypatch):
-    import lora_gpt2.checkpoint as ckpt
+    import lora_gpt2.checkpoints.adapter_dir as ckpt
 
     out = tmp_path / "run"
     cfg = train_config(tiny_checkpoint[0], text_data, out, max_steps=8, eval_interval=100, save_interval=2)

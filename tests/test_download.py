@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lora_gpt2 import tokenizer
-from lora_gpt2.download import RetryPolicy, fetch
+from lora_gpt2.data.download import RetryPolicy, fetch
 from lora_gpt2.errors import DownloadError
 
 from helpers import SAMPLE_TEXT
@@ -156,7 +156,7 @@ def test_file_url_of_a_binary_file_is_refused(tmp_path, cli):
 
 
 def test_utf8_character_split_across_blocks_is_text(tmp_path):
-    from lora_gpt2 import download
+    from lora_gpt2.data import download
 
     text = ("é" * (download.CHUNK // 2 + 1) + "\n").encode()  # a 2-byte char straddles each block end
     src = tmp_path / "src.txt"

@@ -49,7 +49,7 @@ def test_one_step_with_grad_accum_4_equals_one_step_on_the_4x_batch(tiny_checkpo
 
 def test_the_step_loss_is_over_all_counted_targets_not_a_mean_of_micro_batch_means(tiny_checkpoint, qa):
     """Pins the arithmetic the test above relies on, against the loss computed by hand."""
-    from lora_gpt2 import distributed
+    from lora_gpt2.training import distributed
     from lora_gpt2.training import factory
 
     cfg = train_config(tiny_checkpoint[0], qa, qa.parent / "probe-run", batch_size=2, grad_accum=4, max_steps=1,
@@ -192,7 +192,7 @@ def test_packed_rows_give_each_example_exactly_what_it_gets_alone(tiny_checkpoin
     equal those of the same examples padded one per row."""
     from lora_gpt2.config import LoRAConfig
     from lora_gpt2.data import ExampleBatches, PackedBatches, ensure_prepared, example_rows, open_index, open_tokens
-    from lora_gpt2.weights import load_pretrained
+    from lora_gpt2.checkpoints.hf import load_pretrained
 
     prepared = ensure_prepared(qa)
     tokens, index = open_tokens(prepared.train), open_index(prepared.index_path("train"))

@@ -227,7 +227,7 @@ def test_example_rows_mask_the_prompt_pad_and_cut_from_the_left(tmp_path, window
 
 def test_masked_loss_and_gradients_equal_a_plain_pytorch_reference(tiny_checkpoint, tmp_path):
     from lora_gpt2.config import LoRAConfig
-    from lora_gpt2.weights import load_pretrained
+    from lora_gpt2.checkpoints.hf import load_pretrained
 
     torch.manual_seed(0)
     model = load_pretrained(tiny_checkpoint[0], lora=LoRAConfig(targets=("qkv_projection", "lm_head"), r=4),

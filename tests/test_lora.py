@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_gpt2 import lora
+from lora_gpt2.adapters import lora
 from lora_gpt2.config import LoRAConfig, ModelConfig, resolve_targets
-from lora_gpt2.model import GPT2
+from lora_gpt2.model.gpt2 import GPT2
 
 
 def test_linear_follows_the_spec():
@@ -181,7 +181,7 @@ def test_sequence_longer_than_context_is_a_value_error():
 @pytest.mark.parametrize("targets, dtype", [((), torch.float32), (("lm_head", "qkv_projection"), torch.float32),
                                             (("all",), torch.float32), (("lm_head",), torch.bfloat16)])
 def test_fused_loss_and_gradients_equal_the_plain_computation(targets, dtype):
-    from lora_gpt2 import loss as loss_module
+    from lora_gpt2.model import loss as loss_module
 
     torch.manual_seed(6)
     cfg = ModelConfig(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)
@@ -227,7 +227,8 @@ def test_fused_loss_faults_in_its_chunk_buffers_once_not_once_per_chunk(adapted)
     buffers' pages, where a new pair per chunk faulted in 32 (4 x 16 = 64k pages here)."""
     import resource
 
-    from lora_gpt2 import allocator, loss as loss_module
+    from lora_gpt2.training import allocator
+    from lora_gpt2.model import loss as loss_module
 
     assert allocator.return_large_frees()
     torch.manual_seed(0)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lora_gpt2 import load_pretrained
-from lora_gpt2.generate import SamplingConfig, generate
-from lora_gpt2.model import KVCache
+from lora_gpt2.inference.sampling import SamplingConfig
+from lora_gpt2.inference.session import generate
+from lora_gpt2.model.gpt2 import KVCache
 
 from helpers import make_hf_model, save_hf_model
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_gpt2 import lora
+from lora_gpt2.adapters import lora
 from lora_gpt2.cli import main
 
 from helpers import SAMPLE_TEXT, make_hf_model

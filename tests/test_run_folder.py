@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import torch
 
-from lora_gpt2 import checkpoint
-from lora_gpt2.adapters import read_adapter
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2.checkpoints.reading import read_adapter
 from lora_gpt2.training import train
 
 from helpers import cli_command, subprocess_env, train_config

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_gpt2.generate import SamplingConfig, next_token
+from lora_gpt2.inference.sampling import SamplingConfig, next_token
 
 LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
 
@@ -76,7 +76,7 @@ def zipf_logits(rows: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("peaked", [False, True])  # flat: the nucleus is wider than the probe; peaked: inside it
 def test_top_p_without_a_full_sort_keeps_the_same_tokens(monkeypatch, peaked):
-    import lora_gpt2.generate as gen
+    import lora_gpt2.inference.sampling as gen
 
     flat = torch.randn(3, 50257, generator=torch.Generator().manual_seed(1)) * 0.5
     logits = zipf_logits(3, seed=1) if peaked else flat

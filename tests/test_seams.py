@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_gpt2 import layout, load_pretrained, lora
+from lora_gpt2 import layout, load_pretrained
+from lora_gpt2.adapters import lora
 from lora_gpt2.config import LoRAConfig, ModelConfig
-from lora_gpt2.model import GPT2, KVCache
+from lora_gpt2.model.gpt2 import GPT2, KVCache
 
 from helpers import ROOT, make_hf_model, train_config
 
@@ -73,7 +74,7 @@ def test_a_new_variant_is_trained_saved_and_computed_right_through_the_interface
 
 def test_peft_export_refuses_a_tensor_it_has_no_name_for(tmp_path):
     from lora_gpt2.errors import CheckpointError
-    from lora_gpt2.peft_io import export_peft
+    from lora_gpt2.checkpoints.peft import export_peft
 
     tensors = {"blocks.0.attn.qkv_projection.gain": torch.ones(96)}
     with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv_projection.gain' has no PEFT equivalent"):
@@ -82,7 +83,8 @@ def test_peft_export_refuses_a_tensor_it_has_no_name_for(tmp_path):
 
 
 def test_every_name_table_is_derived_from_one_layout():
-    from lora_gpt2 import config, peft_io, weights
+    from lora_gpt2 import config
+    from lora_gpt2.checkpoints import peft as peft_io, hf as weights
 
     assert config.TARGETS == layout.TARGETS == ("token_embedding", "position_embedding", "qkv_projection",
                                                 "output_projection", "linear_in", "linear_out", "lm_head")
@@ -96,7 +98,7 @@ def test_every_name_table_is_derived_from_one_layout():
 
 def test_key_map_names_exactly_the_tensors_transformers_saves(tmp_path):
     """Every tensor of a 12-layer HF checkpoint (bar the tied lm_head) is in the map, and nothing else."""
-    from lora_gpt2.weights import hf_key_map
+    from lora_gpt2.checkpoints.hf import hf_key_map
 
     hf = make_hf_model(n_layer=12, n_embd=16, n_head=2, vocab_size=64)
     saved = {k.removeprefix("transformer.") for k in hf.state_dict() if not k.endswith((".attn.bias", ".masked_bias"))}
@@ -114,7 +116,7 @@ def test_key_map_names_exactly_the_tensors_transformers_saves(tmp_path):
     ("dropout", "dropout", 1.5, r"dropout must be in \[0, 1\), got 1.5"),
 ])
 def test_one_validator_for_lora_settings_in_the_library_and_the_cli(cli_key, lib_key, value, message):
-    from lora_gpt2 import train_config as tc
+    from lora_gpt2.training import config as tc
 
     with pytest.raises(ValueError, match=message):
         LoRAConfig(**{lib_key: value})
@@ -125,7 +127,7 @@ def test_one_validator_for_lora_settings_in_the_library_and_the_cli(cli_key, lib
 
 
 def test_merge_then_unmerge_leaves_the_tied_pair_tied_and_merged_state_dict_leaves_the_model_alone(tiny_checkpoint):
-    from lora_gpt2.merge import merged_state_dict
+    from lora_gpt2.checkpoints.merged import merged_state_dict
 
     model = load_pretrained(tiny_checkpoint[0], targets=("token_embedding", "lm_head"), r=2)
     with torch.no_grad():
@@ -140,8 +142,8 @@ def test_merge_then_unmerge_leaves_the_tied_pair_tied_and_merged_state_dict_leav
 
 
 def test_the_base_model_is_declared_and_merge_needs_no_second_lookup(tiny_checkpoint, tmp_path, monkeypatch):
-    from lora_gpt2 import hub
-    from lora_gpt2.merge import write_merged
+    from lora_gpt2.checkpoints import hub
+    from lora_gpt2.checkpoints.merged import write_merged
 
     model = load_pretrained(tiny_checkpoint[0], targets=("qkv_projection",))
     assert model.base.source == tiny_checkpoint[0] and len(model.base.fingerprint) == 16
@@ -154,14 +156,21 @@ def test_the_base_model_is_declared_and_merge_needs_no_second_lookup(tiny_checkp
 def test_layer_caches_cannot_be_mixed_up():
     cfg = ModelConfig(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2)
     model = GPT2(cfg)
-    with pytest.raises(TypeError):
-        model.blocks[1].attn(torch.zeros(1, 3, 8), KVCache.empty(cfg, 1, torch.float32, "cpu"), 1)
+    cache = KVCache.empty(cfg, 1, torch.float32, "cpu")
+    with pytest.raises(TypeError, match=r"its own slice of the cache \(KVCache.layer\(i\)\), got KVCache"):
+        model.blocks[1].attn(torch.zeros(1, 3, 8), cache)
+    with pytest.raises(TypeError, match="got KVCache"):
+        model.blocks[1].attn(torch.zeros(1, 3, 8), [cache.layer(0), cache])
+    out = model.blocks[1].attn(torch.zeros(1, 3, 8), cache.layer(1))  # its own slice works
+    assert out.shape == (1, 3, 8) and cache.length == 0
 
 
 def test_generation_past_the_context_equals_fresh_recomputation_of_each_slid_window(small_vocab_checkpoint):
     """Past the context the cache is rebuilt from the last `window_length` tokens: every greedy token
     must equal the argmax of a fresh forward pass over the window the model had at that moment."""
-    from lora_gpt2.generate import SamplingConfig, generate, window_length
+    from lora_gpt2.inference.decoding import window_length
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.session import generate
 
     model = load_pretrained(small_vocab_checkpoint[0], targets=())  # n_positions 32
     context, keep = 32, window_length(32)
@@ -191,7 +200,7 @@ def test_lr_factor_at_its_ends():
 
 
 def test_config_coercion_and_precedence():
-    from lora_gpt2 import train_config as tc
+    from lora_gpt2.training import config as tc
 
     assert tc.flag_values({"targets": "attn, lm_head", "rank": 4})["model"] == {
         "targets": ("attn", "lm_head"), "rank": 4}
@@ -208,7 +217,7 @@ def test_config_coercion_and_precedence():
 
 
 def test_torn_metrics_lines_are_skipped(tmp_path):
-    from lora_gpt2 import metrics
+    from lora_gpt2.training import metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo\n[1, 2]\n{"step": "3"}\n'
@@ -220,7 +229,7 @@ def test_torn_metrics_lines_are_skipped(tmp_path):
 
 def test_labml_toml_is_the_reference_experiment_by_its_parameter_count():
     """Rank 32 on all seven targets of GPT-2 small: the reference's trainable-parameter count, by hand."""
-    from lora_gpt2 import train_config as tc
+    from lora_gpt2.training import config as tc
 
     cfg = tc.resolve(tc.read_toml(ROOT / "configs" / "labml.toml"))
     with torch.device("meta"):
@@ -236,7 +245,7 @@ def test_labml_toml_is_the_reference_experiment_by_its_parameter_count():
 def test_draw_loss_leaves_the_callers_matplotlib_alone(tmp_path):
     import matplotlib
 
-    from lora_gpt2.plot import draw_loss
+    from lora_gpt2.training.plot import draw_loss
 
     backend = matplotlib.get_backend()
     (tmp_path / "m.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "train_loss": 2.0, "val_loss": 2.5}\n')
@@ -289,7 +298,8 @@ def test_subscribers_receive_typed_events_in_order(tiny_checkpoint, text_data, t
 
 def test_generation_session_streams_text_pieces_and_stops_at_the_stop_token(tiny_checkpoint):
     from lora_gpt2 import tokenizer
-    from lora_gpt2.generate import GenerationSession, SamplingConfig
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.session import GenerationSession
 
     session = GenerationSession(load_pretrained(tiny_checkpoint[0], targets=()))
     cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=None)

@@ -30,7 +30,7 @@ def test_models_lists_the_base_and_every_adapter(client):
 def test_health_counts_the_adapters_and_their_memory(server, world):
     import httpx
 
-    from lora_gpt2.lora import lora_parameters
+    from lora_gpt2.adapters.lora import lora_parameters
 
     _, _, singles = world
     health = httpx.get(server[0] + "/health", timeout=10).json()  # no key needed: for load balancers

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_gpt2 import checkpoint, load_pretrained
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2 import load_pretrained
 from lora_gpt2.errors import CheckpointError, TrainingStopped
-from lora_gpt2.lora import lora_parameters
+from lora_gpt2.adapters.lora import lora_parameters
 from lora_gpt2.training import train
 
 from helpers import built_trainer, train_config
@@ -83,7 +84,7 @@ def test_resume_is_bit_identical_to_an_unbroken_run(tiny_checkpoint, text_data, 
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, text_data, tmp_path, monkeypatch):
-    from lora_gpt2.model import GPT2
+    from lora_gpt2.model.gpt2 import GPT2
 
     path, _ = tiny_checkpoint
     calls = {"n": 0}
@@ -155,7 +156,7 @@ def test_bfloat16_training_tracks_float32(tiny_checkpoint, text_data, tmp_path):
 def test_mfu_is_measured_only_when_asked_and_is_tokens_times_flops_over_peak(tiny_checkpoint, text_data, tmp_path,
                                                                             monkeypatch):
     import lora_gpt2.training.loop as loop
-    from lora_gpt2.flops import lora_training_flops_per_token
+    from lora_gpt2.training.flops import lora_training_flops_per_token
 
     calls = []
     monkeypatch.setattr(loop, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 2e9)
@@ -170,7 +171,7 @@ def test_mfu_is_measured_only_when_asked_and_is_tokens_times_flops_over_peak(tin
 
 def test_flops_per_token_of_gpt2_small_by_hand():
     from lora_gpt2.config import ModelConfig
-    from lora_gpt2.flops import lora_training_flops_per_token
+    from lora_gpt2.training.flops import lora_training_flops_per_token
 
     d, layers, vocab, t = 768, 12, 50257, 256
     matmul_weights = layers * (d * 3 * d + d * d + d * 4 * d + 4 * d * d) + d * vocab  # qkv, proj, fc, proj, head

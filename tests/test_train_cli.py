@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_gpt2 import train_config as tc
+from lora_gpt2.training import config as tc
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--targets", "qkv_projection", "--rank", "4", "--block-size", "32", "--batch-size", "4",

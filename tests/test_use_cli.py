@@ -50,9 +50,10 @@ def test_greedy_cli_output_equals_transformers_generate(run_dir, tiny_checkpoint
 
 def test_text_streams_to_stdout_piece_by_piece(run_dir, monkeypatch):
     """At every flush stdout holds the prompt and the session's pieces so far: one more piece each time."""
-    from lora_gpt2.adapters import load_with_adapter
+    from lora_gpt2.checkpoints.reading import load_with_adapter
     from lora_gpt2.cli import main
-    from lora_gpt2.generate import GenerationSession, SamplingConfig
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.session import GenerationSession
 
     class Recorder:
         def __init__(self):

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_gpt2 import checkpoint, load_pretrained
-from lora_gpt2.adapters import load_with_adapter
+from lora_gpt2.checkpoints import adapter_dir as checkpoint
+from lora_gpt2 import load_pretrained
+from lora_gpt2.checkpoints.reading import load_with_adapter
 from lora_gpt2.config import LoRAConfig
-from lora_gpt2.lora import fast_parameters, lora_parameters
-from lora_gpt2.peft_io import export_peft
-from lora_gpt2.train_config import OptimSettings
+from lora_gpt2.adapters.lora import fast_parameters, lora_parameters
+from lora_gpt2.checkpoints.peft import export_peft
+from lora_gpt2.training.config import OptimSettings
 from lora_gpt2.training.optim import build_optimizer
 
 from helpers import make_hf_model, randomize_adapters, save_hf_model
@@ -63,7 +64,7 @@ def five_steps_agree(ours, theirs, opt_ours, opt_theirs):
 def test_rslora_scales_by_alpha_over_sqrt_r():
     assert LoRAConfig(r=16, alpha=8.0, rslora=True).scaling == 8.0 / 4.0
     assert LoRAConfig(r=16, alpha=8.0).scaling == 0.5
-    from lora_gpt2 import lora
+    from lora_gpt2.adapters import lora
 
     layer = lora.Linear(8, 8, True, r=4, alpha=2.0, rslora=True)
     assert layer.scaling == 1.0
@@ -225,7 +226,7 @@ def test_dora_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_path, 
 def test_merged_dora_is_a_plain_transformers_model_with_the_same_logits(four_blocks, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from lora_gpt2.merge import write_merged
+    from lora_gpt2.checkpoints.merged import write_merged
 
     ours = ours_with(four_blocks, LoRAConfig(targets=ATTN_FFN + ("token_embedding",), r=4, alpha=8.0, dora=True),
                      seed=17)

@@ -33,9 +33,7 @@ def download_data_cmd(
                                   help="Give up on the whole download (all retries) after this many seconds."),
 ) -> None:
     """Download Tiny Shakespeare (or --url) into --data-dir and write train.bin, val.bin, meta.json."""
-    from ..download import (
-        TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, RetryPolicy, fetch, is_valid_copy, sha256_of,
-    )
+    from ..data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, RetryPolicy, fetch, is_valid_copy, sha256_of
     from ..data import prepare as prep
     from ..data.formats import resolve
 

@@ -66,12 +66,13 @@ def serve_cmd(
 
 
 def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, force: bool):
-    """The base model, packed for decoding, and a bank holding every named adapter."""
-    from ..adapters import read_adapter
-    from ..bank import AdapterBank
+    """The base model in its decode-time layout, and a bank holding every named adapter."""
+    from ..checkpoints.reading import read_adapter
+    from ..inference.bank import AdapterBank
+    from ..inference.layouts import DecodeLayout
     from ..config import LoRAConfig
     from ..devices import pick_device, resolve_dtype
-    from ..weights import load_pretrained
+    from ..checkpoints.hf import load_pretrained
 
     read = {name: read_adapter(path) for name, path in named.items()}
     base = model or next((a.base_model for a in read.values() if a.base_model), "")
@@ -79,7 +80,7 @@ def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, 
         raise ValueError("no base model: pass --model (or an adapter that names its base)")
     device_ = pick_device(device)
     net = load_pretrained(base, lora=LoRAConfig(targets=()), dtype=resolve_dtype(dtype, device_), device=device_)
-    net.eval().pack_for_decoding()
+    DecodeLayout(net.eval()).install()  # for the server's lifetime: the process ends with it
     bank = AdapterBank(net)
     base_name = Path(base).name if Path(base).exists() else base
     if base_name in read:

@@ -19,7 +19,7 @@ Opt = typer.Option
 def _default(key: str) -> str:
     """' (default: X)' for a training setting: flags default to None (so a config file can set
     them), which would leave typer's help without the value actually used."""
-    from ..train_config import FIELD_SECTION, TrainConfig
+    from ..training.config import FIELD_SECTION, TrainConfig
 
     value = getattr(getattr(TrainConfig(), FIELD_SECTION[key]), key)
     if isinstance(value, tuple):
@@ -101,7 +101,7 @@ def train_cmd(
     """Fine-tune GPT-2 with LoRA; saves adapter-only checkpoints in --out (best/ and last/)."""
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "resume_auto", "stop_after", "print_config", "mfu") and v not in (None, [])}
-    from .. import train_config as tc
+    from ..training import config as tc
 
     mode = "auto" if resume_auto else "yes" if resume else "no"
     if config is not None and config.is_dir():
@@ -135,7 +135,7 @@ def _file_out(layers) -> str | None:
 
 
 def _saved_config(out: str):
-    from .. import train_config as tc
+    from ..training import config as tc
     from ..training.run_dir import RUN_CONFIG
 
     path = Path(out) / RUN_CONFIG
@@ -226,7 +226,7 @@ class TrainView:
 @app.command("plot")
 def plot_cmd(run_dir: Path = typer.Argument(..., help="A training run directory (holding metrics.jsonl).")) -> None:
     """Redraw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl."""
-    from ..plot import PLOT_HINT, draw_loss, plot_available
+    from ..training.plot import PLOT_HINT, draw_loss, plot_available
 
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():

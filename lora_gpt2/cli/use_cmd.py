@@ -20,7 +20,7 @@ EXAMPLE_KINDS = ("prompt/completion", "examples")
 
 
 def _load(adapter: Optional[str], model: Optional[str], dtype: str, device: str, force: bool):
-    from ..adapters import load_with_adapter
+    from ..checkpoints.reading import load_with_adapter
     from ..devices import dtype_name
 
     if adapter is None and model is None:
@@ -81,7 +81,8 @@ def generate_cmd(
 ) -> None:
     """Sample text from the base model + adapter, streamed to stdout as it is generated."""
     from .. import tokenizer
-    from ..generate import GenerationSession, SamplingConfig
+    from ..inference.sampling import SamplingConfig
+    from ..inference.session import GenerationSession
 
     if not 0 <= seed <= 2**63 - num_samples:
         raise ValueError(f"seed must be in [0, 2**63 - num_samples], got {seed}")
@@ -130,7 +131,7 @@ def eval_cmd(
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
     """Loss and perplexity of the base model and of base + adapter, side by side."""
-    from ..evaluation import check_given, compare, resolve_settings
+    from ..training.evaluation import check_given, compare, resolve_settings
 
     check_given(data=data, block_size=block_size, batch_size=batch_size, eval_batches=eval_batches)
     net, info = _load(adapter, model, dtype, device, force)
@@ -161,8 +162,8 @@ def merge_cmd(
                                              "and write into a folder holding other files."),
 ) -> None:
     """Fold the adapter into the base weights: a plain GPT-2 folder transformers loads."""
-    from ..merge import write_merged
-    from ..outputs import MERGED_FILES, check_output_dir
+    from ..checkpoints.merged import write_merged
+    from ..checkpoints.outputs import MERGED_FILES, check_output_dir
 
     check_output_dir(out_dir, MERGED_FILES, force)
     net, _ = _load(adapter, model, "float32", "cpu", force)
@@ -179,9 +180,9 @@ def export_cmd(
     force: bool = Opt(False, "--force", help="Write into a folder holding other files."),
 ) -> None:
     """Export an adapter for another library (PEFT: adapter_config.json + adapter_model.safetensors)."""
-    from ..adapters import read_adapter
-    from ..outputs import PEFT_FILES, check_output_dir
-    from ..peft_io import export_peft
+    from ..checkpoints.reading import read_adapter
+    from ..checkpoints.outputs import PEFT_FILES, check_output_dir
+    from ..checkpoints.peft import export_peft
 
     if format != "peft":
         raise ValueError(f"unknown export format {format!r}; supported: peft")

@@ -21,8 +21,7 @@ _WHERE = {
 __all__ = sorted([*_WHERE, "eval_batches", "mask_prompt_for", "train_batches"])
 
 if TYPE_CHECKING:
-    from .batches import (IGNORE, Batch, ExampleBatches, PackedBatches, TrainBatches, counted_targets, eval_examples, eval_windows,
-                          example_rows, open_index, open_tokens)
+    from .batches import IGNORE, Batch, ExampleBatches, PackedBatches, TrainBatches, counted_targets, eval_examples, eval_windows, example_rows, open_index, open_tokens
     from .formats import Example, Options, Source, located, resolve
     from .prepare import Prepared, cache_dir, ensure_prepared
 

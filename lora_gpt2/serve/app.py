@@ -20,10 +20,10 @@ from fastapi import FastAPI, Request  # the serve extra; this module is imported
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import tokenizer
-from ..generate import SamplingConfig
+from ..inference.sampling import SamplingConfig
 from .engine import Engine, Job
 from .request import ApiError, Completion, parse_completion
-from .text import ChoiceText
+from ..inference.text import TextDecoder
 
 MAX_BODY_BYTES = 1 << 20  # a 1 MB request body is far beyond any GPT-2 prompt
 
@@ -131,14 +131,14 @@ class _Run:
         base_seed = c.seed if c.seed is not None else secrets.randbits(62)
         cfg = SamplingConfig(max_new_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p)
         self.jobs: list[Job] = []
-        self.texts: list[ChoiceText] = []
+        self.texts: list[TextDecoder] = []
         for p, ids in enumerate(prompts):
             for j in range(c.n):
                 index = p * c.n + j
                 sink = (lambda i: lambda kind, value: self.loop.call_soon_threadsafe(
                     self.queue.put_nowait, (i, kind, value)))(index)
                 self.jobs.append(Job(ids, adapter, cfg, base_seed + index, c.logprobs, sink))
-                self.texts.append(ChoiceText(c.stop))
+                self.texts.append(TextDecoder(c.stop))
         self.tokens = [0] * len(self.jobs)
         self.logprobs = [_Logprobs() for _ in self.jobs]
         for job in self.jobs:

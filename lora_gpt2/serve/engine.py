@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..bank import AdapterBank
-from ..batching import BatchDecoder, Request
-from ..generate import SamplingConfig
+from ..inference.bank import AdapterBank
+from ..inference.decoding import Decoder, Sequence
+from ..inference.sampling import SamplingConfig
 
 # sink(kind, value): ("token", (id, logprob, top)), ("end", finish_reason) or ("error", message)
 Sink = Callable[[str, Any], None]
@@ -33,15 +33,15 @@ class Job:
     seed: int | None
     logprobs: int | None
     sink: Sink
-    request: Request | None = field(default=None, repr=False)
+    sequence: Sequence | None = field(default=None, repr=False)
 
 
 class Engine:
     def __init__(self, bank: AdapterBank, max_batch: int = 16) -> None:
-        self.decoder = BatchDecoder(bank, max_batch)
+        self.decoder = Decoder(bank.model, bank, max_batch)
         self.bank = bank
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: dict[Request, Job] = {}
+        self._jobs: dict[Sequence, Job] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -67,7 +67,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Requests in the batch or waiting for it (read from another thread: a snapshot)."""
+        """Sequences in the batch or waiting for it (read from another thread: a snapshot)."""
         return len(self.decoder.active) + len(self.decoder.waiting)
 
     def run(self) -> None:
@@ -81,19 +81,19 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: every job in the batch fails
                 self._fail_all(" ".join(str(exc).split()))
                 continue
-            for request, token in events:
-                job = self._jobs.get(request)
+            for sequence, token in events:
+                job = self._jobs.get(sequence)
                 if job is None:
                     continue
                 if token is None:
-                    del self._jobs[request]
-                    if request.finish_reason == "error":
-                        self._deliver(job, "error", request.error)
+                    del self._jobs[sequence]
+                    if sequence.finish_reason == "error":
+                        self._deliver(job, "error", sequence.error)
                     else:
-                        self._deliver(job, "end", request.finish_reason)
+                        self._deliver(job, "end", sequence.finish_reason)
                 else:
-                    top = request.top_logprobs[-1] if request.logprobs is not None else None
-                    lp = request.token_logprobs[-1] if request.logprobs is not None else None
+                    top = sequence.top_logprobs[-1] if sequence.logprobs is not None else None
+                    lp = sequence.token_logprobs[-1] if sequence.logprobs is not None else None
                     self._deliver(job, "token", (token, lp, top))
 
     def _deliver(self, job: Job, kind: str, value: Any) -> None:
@@ -102,8 +102,8 @@ class Engine:
         try:
             job.sink(kind, value)
         except RuntimeError:
-            if job.request is not None and self._jobs.pop(job.request, None) is not None:
-                self.decoder.cancel(job.request)
+            if job.sequence is not None and self._jobs.pop(job.sequence, None) is not None:
+                self.decoder.cancel(job.sequence)
 
     def _take_inbox(self, wait: bool) -> None:
         try:
@@ -114,20 +114,20 @@ class Engine:
             kind, job = item
             if kind == "submit":
                 try:
-                    job.request = self.decoder.submit(job.prompt, job.adapter, job.cfg, job.seed, job.logprobs)
-                    self._jobs[job.request] = job
+                    job.sequence = self.decoder.submit(job.prompt, job.adapter, job.cfg, job.seed, job.logprobs)
+                    self._jobs[job.sequence] = job
                 except ValueError as exc:
                     self._deliver(job, "error", str(exc))
-            elif kind == "cancel" and job.request is not None and job.request in self._jobs:
-                del self._jobs[job.request]
-                self.decoder.cancel(job.request)
+            elif kind == "cancel" and job.sequence is not None and job.sequence in self._jobs:
+                del self._jobs[job.sequence]
+                self.decoder.cancel(job.sequence)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _fail_all(self, message: str) -> None:
-        for request, job in list(self._jobs.items()):
-            self.decoder.cancel(request)
+        for sequence, job in list(self._jobs.items()):
+            self.decoder.cancel(sequence)
             self._deliver(job, "error", message)
         self._jobs.clear()

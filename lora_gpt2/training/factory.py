@@ -14,15 +14,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import allocator, checkpoint, distributed, metrics
+from . import allocator, distributed, metrics
+from ..checkpoints import adapter_dir as checkpoint
 from ..data import Prepared, ensure_prepared, eval_batches, mask_prompt_for, train_batches
 from ..devices import dtype_choice as dtype_choice_for
 from ..errors import CheckpointError
-from ..lora import fast_parameters, lora_parameters
-from ..model import GPT2
+from ..adapters.lora import fast_parameters, lora_parameters
+from ..model.gpt2 import GPT2
 from ..tokenizer import VOCAB_SIZE
-from ..train_config import TrainConfig
-from ..weights import load_pretrained
+from .config import TrainConfig
+from ..checkpoints.hf import load_pretrained
 from . import run_dir
 from .events import Notice
 from .optim import apply_settings, build_optimizer, build_scheduler

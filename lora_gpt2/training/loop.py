@@ -12,17 +12,17 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
-from .. import checkpoint, distributed
+from ..checkpoints import adapter_dir as checkpoint
+from . import distributed
 from ..devices import dtype_name
 from ..errors import TrainingStopped
 from ..data import mask_prompt_for
-from ..evaluation import mean_loss
-from ..flops import lora_training_flops_per_token, measure_matmul_flops
-from ..lora import count_parameters
-from ..train_config import TrainConfig
+from .evaluation import mean_loss
+from .flops import lora_training_flops_per_token, measure_matmul_flops
+from ..adapters.lora import count_parameters
+from .config import TrainConfig
 from . import factory, loggers, run_dir
-from .events import (Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber,
-                     TrainResult)
+from .events import Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber, TrainResult
 from .subscribers import LossPlot, MetricsLog
 
 class StepStats(NamedTuple):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..train_config import OptimSettings
+from .config import OptimSettings
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

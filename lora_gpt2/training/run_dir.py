@@ -12,7 +12,7 @@ import shutil
 import os
 from pathlib import Path
 
-from .. import checkpoint
+from ..checkpoints import adapter_dir as checkpoint
 from ..atomic import remove_stale_temps, write_text
 from ..errors import CheckpointError, LoraGPT2Error, WriteError
 from .loggers import RUN_FILES

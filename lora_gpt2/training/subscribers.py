@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import metrics
-from ..plot import PLOT_HINT, draw_loss, plot_available
+from . import metrics
+from .plot import PLOT_HINT, draw_loss, plot_available
 from .events import Logged, Notice, Started, Subscriber
 
 METRICS_FILE = "metrics.jsonl"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ...train_config import TrainConfig
+from ..config import TrainConfig
 from ..events import Event, Notice, Subscriber
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...train_config import TrainConfig
+from ..config import TrainConfig
 from ..events import Finished, Logged, Notice, Saved, Started, Subscriber
 from . import SCALARS, TENSORBOARD_FOLDER
 

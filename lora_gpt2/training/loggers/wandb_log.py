@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 
 from ...atomic import write_text
-from ...train_config import TrainConfig
+from ..config import TrainConfig
 from ..events import Finished, Logged, Started, Subscriber
 from . import SCALARS, WANDB_ID_FILE
 

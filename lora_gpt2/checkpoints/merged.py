@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_bytes, write_text
-from .errors import CheckpointError
-from .model import GPT2
-from .tokenizer import ASSETS
-from .weights import LM_HEAD, hf_key_map, is_transposed
+from ..atomic import write_bytes, write_text
+from ..errors import CheckpointError
+from ..model.gpt2 import GPT2
+from ..tokenizer import ASSETS
+from .hf import LM_HEAD, hf_key_map, is_transposed
 
 
 def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:

@@ -46,13 +46,21 @@ class _Magnitude:
         return t.unsqueeze(self.NORM_DIM)  # broadcast over the normed axis of the weight
 
     @torch.no_grad()
+    def _merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the merged weight, the factor m / ||W + s·BA|| that unmerge divides out again)."""
+        direction = self.weight.float() + self.delta_weight()
+        factor = self.magnitude / torch.linalg.norm(direction, dim=self.NORM_DIM)
+        return (direction * self._scale_shape(factor)).to(self.weight.dtype), factor
+
+    def merged_weight(self) -> torch.Tensor:
+        return self._merged()[0]
+
+    @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        direction = self.weight.float() + self.delta_weight()
-        # kept for unmerge
-        self._factor = self.magnitude / torch.linalg.norm(direction, dim=self.NORM_DIM)
-        self.weight.copy_((direction * self._scale_shape(self._factor)).to(self.weight.dtype))
+        merged, self._factor = self._merged()
+        self.weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -72,9 +80,6 @@ class DoRALinear(_Magnitude, Linear):
 
     def fast_params(self) -> tuple[str, ...]:
         return ("lora_b", "magnitude")  # PEFT's LoRA+ helper: B and every 1-D tensor
-
-    def pack(self) -> bool:
-        return False  # its forward reads the weight itself (the norm of W + s·BA): no packed copy
 
     def low_rank_terms(self) -> LowRankTerms | None:
         if self.merged or not self.active:

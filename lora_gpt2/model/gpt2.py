@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dora, lora
-from .config import ACTIVATIONS, LoRAConfig, ModelConfig
+from ..adapters import dora, lora
+from ..config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .loss import fused_lm_head_loss
 
 
@@ -85,18 +85,8 @@ class KVCache:
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.keys[i], self.values[i], self.length)
 
-    def repeat_rows(self, n: int) -> None:
-        """One row becomes n identical rows (a shared prompt's cache, before n samples diverge)."""
-        self.keys = [k.expand(n, -1, -1, -1).clone() for k in self.keys]
-        self.values = [v.expand(n, -1, -1, -1).clone() for v in self.values]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Only these rows go on (the others' samples have ended)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-
-
-def _packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segment_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (B, T) restarting at each example, and the block-diagonal causal mask
     (B, 1, T, T) of packed rows."""
     B, T = segments.shape
@@ -128,11 +118,14 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """`kv`: a cache, or one per row (one new token each). `mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
         causal attention; None is plain causal attention."""
+        for given in (kv if isinstance(kv, list) else [] if kv is None else [kv]):
+            if not isinstance(given, LayerKV):
+                raise TypeError(f"a layer takes its own slice of the cache (KVCache.layer(i)), "
+                                f"got {type(given).__name__}")
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.qkv_projection(x)  # (B, T, 3C)
-        # split, not one permute + unbind: the same views, but unbind's backward (a stack) made a
-        # GPT-2 small training step about 1% slower
+        # split, not permute + unbind: the same views, but unbind's backward is a stack (a copy)
         q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -233,7 +226,7 @@ class GPT2(nn.Module):
         if segments is None:
             pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         else:
-            pos, mask = _packed_positions(segments)  # (B, T), (B, 1, T, T)
+            pos, mask = _segment_positions(segments)  # (B, T), (B, 1, T, T)
         first = self.first_trained_block if torch.is_grad_enabled() else 0
         with torch.no_grad() if first else contextlib.nullcontext():
             # nothing below the lowest adapted block learns: backward need not reach it, so
@@ -323,16 +316,6 @@ class GPT2(nn.Module):
             self._untied_by_merge = True
         for layer in self.lora_layers().values():
             layer.merge()
-
-    def pack_for_decoding(self) -> int:
-        """Give every frozen linear weight a packed copy for decoding a few rows at a time (see
-        packed.py): used without gradients only, dropped by merge. Returns how many were packed."""
-        return sum(m.pack() for m in self.modules() if isinstance(m, lora.FrozenLinear))
-
-    def unpack(self) -> None:
-        for m in self.modules():
-            if isinstance(m, lora.FrozenLinear):
-                m.unpack()
 
     def unmerge(self) -> None:
         for layer in self.lora_layers().values():

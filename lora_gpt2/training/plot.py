@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import atomic_open
+from ..atomic import atomic_open
 from .metrics import read_metrics
 
 PLOT_HINT = "pip install 'lora-gpt2[plot]' (matplotlib) to get loss.png"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lora import head_terms
+from ..adapters.lora import head_terms
 
 CHUNK_TOKENS = 256
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import packed as packing
-from .config import LoRAConfig
+from ..config import LoRAConfig
 
 
 def _check_size(name: str, value: int) -> None:
@@ -65,6 +63,10 @@ class AdapterLayer:
         """Undo `merge` (idempotent)."""
         raise NotImplementedError
 
+    def merged_weight(self) -> torch.Tensor:
+        """What `merge` would write into the frozen weight, without writing it (in its dtype)."""
+        raise NotImplementedError
+
     def low_rank_terms(self) -> LowRankTerms | None:
         """The terms the fused loss may use instead of `forward`, or None when it must call `forward`."""
         return None
@@ -89,10 +91,14 @@ class _AdditiveUpdate(AdapterLayer):
         raise NotImplementedError
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + self.delta_weight().to(self.weight.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        self.weight += self.delta_weight().to(self.weight.dtype)
+        self.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -107,11 +113,6 @@ class _AdditiveUpdate(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
-
-def _plus_extra(out: torch.Tensor, extra, x: torch.Tensor) -> torch.Tensor:
-    update = None if extra is None else extra(x)
-    return out if update is None else out + update
 
 
 class FrozenLinear(nn.Module):
@@ -130,28 +131,8 @@ class FrozenLinear(nn.Module):
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    packed: torch.Tensor | None = None  # the weight in oneDNN's layout, while a generation session decodes
-
-    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
-        """linear(x, weight, bias): from the packed copy when decoding, else F.linear."""
-        if packing.usable(self.packed, x):
-            return packing.linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-    def pack(self) -> bool:
-        """Keep a packed copy of the weight for decoding (see packed.py); False where none can be made."""
-        self.packed = packing.pack(self.weight)
-        return self.packed is not None
-
-    def unpack(self) -> None:
-        """Drop the packed copy (the weight changed, or decoding is over)."""
-        self.packed = None
-
-    # a per-row update added to the output (bank.py: many adapters in one batch), or None
-    extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _plus_extra(self.frozen_product(x), self.extra, x)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -205,46 +186,8 @@ class Linear(_AdditiveUpdate, FrozenLinear):
         """The update folded into `weight` by merge: (out, in)."""
         return (self.lora_b @ self.lora_a) * self.scaling
 
-    # The update's tensors as they were when `pack` folded them into the packed copy (their
-    # version counters), or None when the packed copy, if any, is of the frozen weight alone.
-    folded: tuple[int, int] | None = None
-
-    def pack(self) -> bool:
-        """The decode-time copy holds W + scaling·B·A, so decoding makes one product per token,
-        not three (the copy is made anyway; folding costs no memory). Used only while the layer
-        is active and unmerged and its A and B are unchanged since; otherwise forward computes
-        as in training, from the weight itself."""
-        self.folded = None
-        if self.merged or not self.active or self.weight.device.type != "cpu":
-            return super().pack()
-        with torch.no_grad():
-            self.packed = packing.pack(self.weight + self.delta_weight().to(self.weight.dtype))
-        if self.packed is not None:
-            self.folded = (self.lora_a._version, self.lora_b._version)
-        return self.packed is not None
-
-    def unpack(self) -> None:
-        super().unpack()
-        self.folded = None
-
-    def merge(self) -> None:
-        super().merge()
-        self.unpack()  # a packed copy is of the old weight
-
-    def unmerge(self) -> None:
-        super().unmerge()
-        self.unpack()
-
-    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folded is not None:  # the packed copy holds the update too: not the frozen product
-            return F.linear(x, self.weight, self.bias)
-        return super().frozen_product(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.folded is not None and self.active and not self.merged and packing.usable(self.packed, x)
-                and self.folded == (self.lora_a._version, self.lora_b._version)):
-            return packing.linear(x, self.packed, self.bias)
-        out = self.frozen_product(x)
+        out = F.linear(x, self.weight, self.bias)
         if self.merged or not self.active:
             return out
         # Low-rank side first: (.., in) -> (.., r) -> (.., out). The fp32 LoRA parameters
@@ -268,10 +211,8 @@ class FrozenEmbedding(nn.Module):
         if not self.weight.is_meta:
             nn.init.normal_(self.weight)
 
-    extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None  # as FrozenLinear's
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _plus_extra(F.embedding(x, self.weight), self.extra, x)
+        return F.embedding(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -339,9 +280,11 @@ def fast_parameters(model: nn.Module) -> set[int]:
 
 def head_terms(module: nn.Module) -> LowRankTerms | None:
     """The fused loss's view of an output layer: its terms, or None to call its forward."""
+    if module._forward_hooks:  # something added to its output (the adapter bank's rows): call it
+        return None
     if isinstance(module, AdapterLayer):
         return module.low_rank_terms()
-    if isinstance(module, FrozenLinear) and module.extra is None:  # a bank's rows need the forward
+    if isinstance(module, FrozenLinear):
         return LowRankTerms(module.weight)
     return None
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_open, remove_dead_temps
-from .errors import DownloadError
+from ..atomic import atomic_open, remove_dead_temps
+from ..errors import DownloadError
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def lora_training_flops_per_token(config: ModelConfig, block_size: int) -> float:

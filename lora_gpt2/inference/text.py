@@ -1,19 +1,22 @@
-"""A completion's text as tokens arrive: valid UTF-8 pieces, cut at the first stop string.
+"""Tokens to text as they arrive: valid UTF-8 pieces, cut at the first stop string.
 
-While a stop string could still be completing, the text that might belong to it is held back,
-so a streamed client never sees part of a stop string.
+The one incremental decoder of lora-gpt2: `generate`'s stdout and the server's choices read it.
+Bytes of a character split across tokens wait for the rest, so every piece is valid text. While
+a stop string could still be completing, the text that might belong to it is held back, so a
+streamed client never sees part of a stop string.
 """
 
 from __future__ import annotations
 
 import codecs
+from typing import Iterator
 
 from .. import tokenizer
 
 
-class ChoiceText:
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
+class TextDecoder:
+    def __init__(self, stops: list[str] | tuple[str, ...] = ()) -> None:
+        self.stops = list(stops)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text = ""  # decoded so far
         self._sent = 0  # characters already handed out
@@ -50,3 +53,25 @@ class ChoiceText:
     @property
     def text(self) -> str:
         return self._text[: self._sent]
+
+
+class TextStream:
+    """Text pieces of one completion as it is generated; `tokens` and `finish_reason` once done."""
+
+    def __init__(self, tokens: Iterator[int], max_new_tokens: int) -> None:
+        self._tokens = tokens
+        self._max = max_new_tokens
+        self._text = TextDecoder()
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "length" or "stop"
+
+    def __iter__(self) -> Iterator[str]:
+        for token in self._tokens:
+            self.tokens.append(token)
+            piece = self._text.add(token)
+            if piece:
+                yield piece
+        rest = self._text.finish()
+        if rest:
+            yield rest
+        self.finish_reason = "length" if len(self.tokens) == self._max else "stop"

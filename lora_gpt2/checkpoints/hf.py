@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import layout
-from .config import ACTIVATIONS, LoRAConfig, ModelConfig
-from .errors import CheckpointError
+from .. import layout
+from ..config import ACTIVATIONS, LoRAConfig, ModelConfig
+from ..errors import CheckpointError
 from .hub import WEIGHT_FILES, resolve_checkpoint
-from .model import GPT2, BaseModel
+from ..model.gpt2 import GPT2, BaseModel
 
 LM_HEAD = "lm_head.weight"
 # Causal-mask buffers that older checkpoints saved next to the weights.

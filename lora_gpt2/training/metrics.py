@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
-from .errors import WriteError
+from ..atomic import write_text
+from ..errors import WriteError
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

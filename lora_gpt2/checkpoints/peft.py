@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from . import layout
-from .atomic import write_bytes, write_text
-from .config import LoRAConfig
-from .errors import CheckpointError
+from .. import layout
+from ..atomic import write_bytes, write_text
+from ..config import LoRAConfig
+from ..errors import CheckpointError
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import DEVICES, DTYPES, LoRAConfig, resolve_targets
-from .data.formats import Options
+from ..config import DEVICES, DTYPES, LoRAConfig, resolve_targets
+from ..data.formats import Options
 
 OPTIMIZERS = ("adamw", "adam")
 LOGGERS = ("tensorboard", "wandb")  # besides metrics.jsonl and loss.png, which every run writes

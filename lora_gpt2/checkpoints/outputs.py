@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT_NAMES, META_FILE, PREVIOUS
+from .adapter_dir import CHECKPOINT_NAMES, META_FILE, PREVIOUS
 
 MERGED_FILES = frozenset({"config.json", "model.safetensors", "vocab.json", "merges.txt"})
 PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .devices import pick_device
+from ..devices import pick_device
 
 
 @dataclass(frozen=True)

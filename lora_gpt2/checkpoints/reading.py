@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, peft_io
-from .config import LoRAConfig
-from .devices import pick_device, resolve_dtype
-from .errors import CheckpointError
-from .model import GPT2
-from .weights import LM_HEAD, hf_key_map, load_pretrained
+from . import adapter_dir as checkpoint, peft as peft_io
+from ..config import LoRAConfig
+from ..devices import pick_device, resolve_dtype
+from ..errors import CheckpointError
+from ..model.gpt2 import GPT2
+from .hf import LM_HEAD, hf_key_map, load_pretrained
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from .data import Options, ensure_prepared, eval_batches, located, mask_prompt_for
-from .model import GPT2
-from .train_config import DataSettings, RunSettings
+from ..data import Options, ensure_prepared, eval_batches, located, mask_prompt_for
+from ..model.gpt2 import GPT2
+from .config import DataSettings, RunSettings
 
 # What a recorded setting is called in adapter.json, with the value used when neither the
 # adapter nor the caller gives one: the training defaults, so an unrecorded run still matches.

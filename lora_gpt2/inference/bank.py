@@ -18,11 +18,11 @@ from typing import Iterator
 
 import torch
 
-from . import lora
-from .adapters import Adapter, check_base_layers
-from .config import LoRAConfig
-from .errors import CheckpointError
-from .model import GPT2
+from ..adapters import lora
+from ..checkpoints.reading import Adapter, check_base_layers
+from ..config import LoRAConfig
+from ..errors import CheckpointError
+from ..model.gpt2 import GPT2
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class AdapterBank:
         self.names: list[str | None] = [None]
         self.stacks: dict[str, _Stack] = {}
         self._rows: _Rows | None = None
+        self._hooks: list = []  # one forward hook per stacked module (see _stack_for)
         self._dtype = model.frozen_dtype()
         self._device = model.token_embedding.weight.device
 
@@ -136,10 +137,26 @@ class AdapterBank:
                                    torch.zeros(n, dtype=self._dtype, device=self._device))
         kind = _linear_update if isinstance(module, lora.FrozenLinear) else _embedding_update
         stack = self.stacks[path]
-        module.extra = lambda x: kind(stack, self._active_rows(), x)
 
-    def _active_rows(self) -> _Rows | None:
-        return self._rows
+        def add_rows(_module, args, out):  # a forward hook: the base output plus each row's update
+            update = kind(stack, self._rows, args[0])
+            return None if update is None else out + update
+
+        self._hooks.append(module.register_forward_hook(add_rows))
+
+    def close(self) -> None:
+        """Take the bank's hooks off the model: it is the plain base model again."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.stacks.clear()
+        self.names = [None]
+
+    def __enter__(self) -> "AdapterBank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @contextlib.contextmanager
     def rows(self, names: list[str | None]) -> Iterator[None]:

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import TMP_MARK, atomic_open, fsync_dir, write_bytes, write_text
-from .config import LoRAConfig
-from .errors import CheckpointError, WriteError
-from .lora import lora_parameters
-from .model import GPT2
+from .. import __version__
+from ..atomic import TMP_MARK, atomic_open, fsync_dir, write_bytes, write_text
+from ..config import LoRAConfig
+from ..errors import CheckpointError, WriteError
+from ..adapters.lora import lora_parameters
+from ..model.gpt2 import GPT2
 
 ADAPTER_FORMAT = "lora-gpt2-adapter"
 FORMAT_VERSION = 1
