@@ -83,11 +83,13 @@ def test_peft_export_refuses_a_tensor_it_has_no_name_for(tmp_path):
 
 
 def test_every_name_table_is_derived_from_one_layout():
-    from lora_gpt2 import config
     from lora_gpt2.checkpoints import peft as peft_io, hf as weights
+    from lora_gpt2.config import resolve_targets
 
-    assert config.TARGETS == layout.TARGETS == ("token_embedding", "position_embedding", "qkv_projection",
-                                                "output_projection", "linear_in", "linear_out", "lm_head")
+    # --targets accepts exactly the table's modules, in model order ("all" is every one of them)
+    assert resolve_targets("all") == layout.TARGETS == ("token_embedding", "position_embedding", "qkv_projection",
+                                                        "output_projection", "linear_in", "linear_out", "lm_head")
+    assert resolve_targets("lm_head,attn") == ("qkv_projection", "output_projection", "lm_head")
     peft_names = peft_io.our_to_peft_names(2)
     assert peft_names["blocks.1.ffn.linear_out.lora_b"] == "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight"
     assert peft_names["token_embedding.lora_a"] == "base_model.model.transformer.wte.lora_embedding_A"
