@@ -110,3 +110,27 @@ def read_only(folders, argv: list[str]) -> list[str]:
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode != 0:
         pytest.skip("running as root without mount namespaces: cannot make a folder read-only")
     return ["unshare", "-m", "sh", "-c", _READ_ONLY, "sh", str(len(folders)), *map(str, folders), *argv]
+
+
+def ids(n=24, seed=3):
+    """Two rows of n random GPT-2 token ids, seeded."""
+    import torch
+
+    return torch.randint(0, 50257, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def five_steps_agree(ours, theirs, opt_ours, opt_theirs):
+    """Five AdamW steps of lora-gpt2 and of transformers + PEFT on the same batches: every loss
+    within 1e-4 (theirs returns an output with .logits)."""
+    import torch.nn.functional as F
+
+    for step in range(5):
+        x, y = ids(32, seed=100 + step), ids(32, seed=200 + step)
+        losses = []
+        for model, opt, logits_of in ((ours, opt_ours, lambda m: m(x)), (theirs, opt_theirs, lambda m: m(x).logits)):
+            loss = F.cross_entropy(logits_of(model).flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-4, (step, losses)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lora_gpt2.checkpoints import adapter_dir as checkpoint
 from lora_gpt2 import load_pretrained
@@ -14,7 +13,7 @@ from lora_gpt2.adapters.lora import lora_parameters
 from lora_gpt2.checkpoints.merged import write_merged
 from lora_gpt2.checkpoints.peft import export_peft
 
-from helpers import make_hf_model
+from helpers import five_steps_agree, ids, make_hf_model
 
 
 def randomized(path, targets, seed=0, r=4, alpha=8.0):
@@ -25,10 +24,6 @@ def randomized(path, targets, seed=0, r=4, alpha=8.0):
         for p in lora_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
-
-
-def ids(n=24, seed=3):
-    return torch.randint(0, 50257, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("targets, tied", [(("attn", "ffn"), True), (("all",), False), (("lm_head",), False),
@@ -123,17 +118,7 @@ def test_five_adamw_steps_agree_with_transformers_plus_peft(tiny_checkpoint, tmp
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3)
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
         sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-    for step in range(5):
-        x = ids(32, seed=100 + step)
-        y = ids(32, seed=200 + step)
-        losses = []
-        for model, opt, logits_of in ((ours, opt_ours, lambda m: m(x)), (theirs, opt_theirs, lambda m: m(x).logits)):
-            loss = F.cross_entropy(logits_of(model).flatten(0, 1), y.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) < 1e-4, (step, losses)
+    five_steps_agree(ours, theirs, opt_ours, opt_theirs)
 
 
 def test_adapter_from_another_base_is_refused_unless_forced(tiny_checkpoint, tmp_path):

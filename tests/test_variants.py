@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lora_gpt2.checkpoints import adapter_dir as checkpoint
 from lora_gpt2 import load_pretrained
@@ -16,7 +15,7 @@ from lora_gpt2.checkpoints.peft import export_peft
 from lora_gpt2.training.config import OptimSettings
 from lora_gpt2.training.optim import build_optimizer
 
-from helpers import make_hf_model, randomize_adapters, save_hf_model
+from helpers import five_steps_agree, ids, make_hf_model, randomize_adapters, save_hf_model
 
 ATTN_FFN = ("qkv_projection", "output_projection", "linear_in", "linear_out")
 
@@ -42,23 +41,6 @@ def as_peft(model, path, tmp_path, n_layer):
 
     return PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(path), tmp_path / "peft",
                                      is_trainable=True).eval()
-
-
-def ids(n=24, seed=3):
-    return torch.randint(0, 50257, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def five_steps_agree(ours, theirs, opt_ours, opt_theirs):
-    for step in range(5):
-        x, y = ids(32, seed=100 + step), ids(32, seed=200 + step)
-        losses = []
-        for model, opt, logits_of in ((ours, opt_ours, lambda m: m(x)), (theirs, opt_theirs, lambda m: m(x).logits)):
-            loss = F.cross_entropy(logits_of(model).flatten(0, 1), y.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) < 1e-4, (step, losses)
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r():
