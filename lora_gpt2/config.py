@@ -107,7 +107,7 @@ class LoRAConfig:
     The one place these settings are checked: the layers, the training config and every
     reader of an adapter build a LoRAConfig. `alpha=None` means alpha = r (scaling 1).
     `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA); `dora` makes the layers DoRA
-    (dora.py). `layers` limits the
+    (adapters/dora.py). `layers` limits the
     per-block targets to some blocks ("N": the last N; "A-B"; "A,B,C"); None is every block.
     Embedding and lm_head targets do not depend on it.
     """

@@ -1,7 +1,8 @@
 """GPT-2's modules under our names and Hugging Face's: the one table every conversion derives from.
 
-The LoRA target names (`--targets`), the HF checkpoint key map (weights.py, merge.py) and the
-PEFT module names (peft_io.py) are all read off `MODULES`; nothing else spells a module path.
+The LoRA target names (`--targets`), the HF checkpoint key map (checkpoints/hf.py and merged.py)
+and the PEFT module names (checkpoints/peft.py) are all read off `MODULES`; nothing else spells
+a module path.
 """
 
 from __future__ import annotations

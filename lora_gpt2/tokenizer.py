@@ -42,5 +42,11 @@ def encode(text: str) -> list[int]:
     return get_encoding().encode_ordinary(text)
 
 
+def encode_prompt(text: str) -> list[int]:
+    """A prompt's tokens, as `generate` and `serve` read it: an empty prompt starts a new
+    document (<|endoftext|>), so there is always a token to continue from."""
+    return encode(text) or [EOT_ID]
+
+
 def decode(ids: list[int]) -> str:
     return get_encoding().decode(ids)

@@ -38,21 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # the script's folder is on sys.path; each worker runs in its own process (see `spawn`)
-from benchmark_compiled import worker_decode_compiled  # noqa: E402
-from benchmark_machine import worker_machine  # noqa: E402
-from benchmark_profile import worker_decode_profile, worker_profile  # noqa: E402
-import benchmark_serve  # noqa: E402
-from benchmark_serve import worker_serve_peft  # noqa: E402
-from benchmark_workers import (worker_examples, worker_generate, worker_prepare, worker_samples,  # noqa: E402
-                               worker_startup, worker_train)
+import benchmark_compiled as compiled, benchmark_machine as machine, benchmark_profile as prof  # noqa: E402
+import benchmark_serve, benchmark_workers as w  # noqa: E402
 
-WORKERS = {"machine": worker_machine, "train": worker_train, "generate": worker_generate, "startup": worker_startup,
-           "samples": worker_samples, "examples": worker_examples, "prepare": worker_prepare,
-           "profile": worker_profile, "decode_profile": worker_decode_profile,
-           "decode_compiled": worker_decode_compiled, "serve_peft": worker_serve_peft}
+WORKERS = {"machine": machine.worker_machine, "train": w.worker_train, "generate": w.worker_generate,
+           "startup": w.worker_startup, "samples": w.worker_samples, "examples": w.worker_examples,
+           "prepare": w.worker_prepare, "profile": prof.worker_profile, "decode_profile": prof.worker_decode_profile,
+           "decode_compiled": compiled.worker_decode_compiled, "serve_peft": benchmark_serve.worker_serve_peft}
 
 # ---------------------------------------------------------------- the parent: plan, run, report
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (training/allocator.py)
 
 
 def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None,

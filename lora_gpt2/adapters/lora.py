@@ -127,7 +127,7 @@ class FrozenLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         # nn.Linear's default init, so a model built from scratch is usable before loading
-        # (skipped on the meta device, where weights.py builds shapes only).
+        # (skipped on the meta device, where checkpoints/hf.py builds shapes only).
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 

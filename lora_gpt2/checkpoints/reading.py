@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapter_dir as checkpoint, peft as peft_io
+from . import adapter_dir, peft
 from ..config import LoRAConfig
 from ..devices import pick_device, resolve_dtype
 from ..errors import CheckpointError
@@ -36,10 +36,10 @@ class Adapter:
 def read_adapter(path: str | Path) -> Adapter:
     """Read an adapter folder, a run folder (its best/, else last/) or a PEFT folder. Read-only."""
     path = Path(path).expanduser()
-    if path.is_dir() and peft_io.is_peft_dir(path):
-        lora, tensors, base, base_layers = peft_io.read_peft(path)
+    if path.is_dir() and peft.is_peft_dir(path):
+        lora, tensors, base, base_layers = peft.read_peft(path)
         return Adapter(path, "peft", lora, tensors, base or "", None, {}, base_layers)
-    ckpt = checkpoint.read_checkpoint(path)
+    ckpt = adapter_dir.read_checkpoint(path)
     info = ckpt.info
     return Adapter(info.path, "lora-gpt2", info.lora, ckpt.tensors, info.base_model, info.base_fingerprint,
                    info.meta)
@@ -47,8 +47,8 @@ def read_adapter(path: str | Path) -> Adapter:
 
 def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
-    source = str(adapter.path / (checkpoint.ADAPTER_FILE if adapter.kind == "lora-gpt2" else peft_io.WEIGHTS_FILE))
-    checkpoint.copy_lora_tensors(model, adapter.tensors, source)
+    source = str(adapter.path / (adapter_dir.ADAPTER_FILE if adapter.kind == "lora-gpt2" else peft.WEIGHTS_FILE))
+    adapter_dir.copy_lora_tensors(model, adapter.tensors, source)
     check_base_layers(model, adapter)
 
 

@@ -37,8 +37,9 @@ def window_length(context: int) -> int:
     return max(1, context - context // 4)
 
 
-def fits(prompt_tokens: int, cfg: SamplingConfig, context: int) -> bool:
-    return prompt_tokens + cfg.max_new_tokens <= context
+def fits(prompt_tokens: int, max_new_tokens: int, context: int) -> bool:
+    """Whether a prompt and every token it may get stay within the model's context."""
+    return prompt_tokens + max_new_tokens <= context
 
 
 @dataclass(eq=False)
@@ -83,7 +84,7 @@ class Decoder:
                slide: bool = False) -> Sequence:
         if not prompt:
             raise ValueError("the prompt is empty; it needs at least one token")
-        if not slide and not fits(len(prompt), cfg, self.context):
+        if not slide and not fits(len(prompt), cfg.max_new_tokens, self.context):
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {cfg.max_new_tokens} is more than the "
                              f"model's context of {self.context}")
         if adapter is not None and (self.bank is None or adapter not in self.bank):
@@ -181,28 +182,28 @@ class Decoder:
         """One forward for the group's prompts (each distinct (prompt, adapter) once); each
         sequence then holds its own cache and logits."""
         config, dtype = self.model.config, self.model.frozen_dtype()
-        inputs = [self._window(s, window) for s in group]
-        distinct: dict[tuple, int] = {}
-        for s, ids in zip(group, inputs):
-            distinct.setdefault((tuple(ids), s.adapter), len(distinct))
-        rows = list(distinct)
-        lengths = [len(ids) for ids, _ in rows]
+        keys = [(tuple(self._window(s, window)), s.adapter) for s in group]
+        heads: dict[tuple, Sequence] = {}  # each distinct row, and a sequence that stands for it
+        for key, sequence in zip(keys, group):
+            heads.setdefault(key, sequence)
+        row_of = {key: i for i, key in enumerate(heads)}
+        lengths = [len(tokens) for tokens, _ in heads]
         width = max(lengths)
-        ids = torch.tensor([list(r) + [0] * (width - len(r)) for r, _ in rows], device=self.device)  # (B, T)
-        room = [min(len(ids_) + s.cfg.max_new_tokens - len(s.tokens), self.context)
-                for s, ids_ in zip(group, inputs)]
+        ids = torch.tensor([list(t) + [0] * (width - len(t)) for t, _ in heads], device=self.device)  # (B, T)
+
+        def room(sequence: Sequence, n: int) -> int:  # positions it can still reach
+            return min(n + sequence.cfg.max_new_tokens - len(sequence.tokens), self.context)
+
         alone = len(group) == 1  # then the shared cache is the sequence's own, with room for its tokens
-        shared = KVCache.empty(config, len(rows), dtype, self.device, room[0] if alone else width)
-        heads = [next(s for s, i in zip(group, inputs) if (tuple(i), s.adapter) == key) for key in rows]
-        logits = self._forward(heads, ids, shared, at=torch.tensor(lengths, device=self.device) - 1)  # (B, V)
-        for sequence, ids_, space in zip(group, inputs, room):
-            row = distinct[(tuple(ids_), sequence.adapter)]
-            sequence.logits = logits[row : row + 1]
+        shared = KVCache.empty(config, len(heads), dtype, self.device, room(group[0], width) if alone else width)
+        logits = self._forward(list(heads.values()), ids, shared, at=torch.tensor(lengths, device=self.device) - 1)
+        for sequence, key in zip(group, keys):
+            row, n = row_of[key], len(key[0])
+            sequence.logits = logits[row : row + 1]  # (1, V)
             if alone:
                 sequence.cache = shared
                 continue
-            n = len(ids_)
-            sequence.cache = KVCache.empty(config, 1, dtype, self.device, space)
+            sequence.cache = KVCache.empty(config, 1, dtype, self.device, room(sequence, n))
             for mine, ours in zip(sequence.cache.keys + sequence.cache.values, shared.keys + shared.values):
                 mine[:, :, :n] = ours[row : row + 1, :, :n]
             sequence.cache.length = n

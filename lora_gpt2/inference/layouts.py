@@ -42,23 +42,29 @@ def blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
 
 
-def _state(module: nn.Module) -> tuple:
-    """What a blocked copy is made from: every tensor's version, and an adapter's switches."""
-    versions = tuple(p._version for p in module.parameters())
-    if isinstance(module, AdapterLayer):
-        return versions, module.active, module.merged
-    return versions, None, None
-
-
 @dataclass(eq=False)
 class _Copy:
+    """A module's blocked copy and what it was made from: its tensors' versions, and an adapter's
+    switches (read on every call, so the tensors are listed once, not walked each time)."""
+
     module: FrozenLinear
     blocked: torch.Tensor
+    tensors: tuple[torch.Tensor, ...]
     made_from: tuple
+
+    @classmethod
+    def of(cls, module: FrozenLinear, blocked: torch.Tensor) -> "_Copy":
+        copy = cls(module, blocked, tuple(module.parameters()), ())
+        copy.made_from = copy.state()
+        return copy
+
+    def state(self) -> tuple:
+        switches = (self.module.active, self.module.merged) if isinstance(self.module, AdapterLayer) else ()
+        return tuple(t._version for t in self.tensors) + switches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.blocked.dtype
-                and _state(self.module) == self.made_from):
+                and self.state() == self.made_from):
             return blocked_linear(x, self.blocked, self.module.bias)
         return type(self.module).forward(self.module, x)
 
@@ -82,7 +88,7 @@ class DecodeLayout:
                 blocked = block(module.merged_weight() if adapted else module.weight)
             if blocked is None:
                 continue
-            copy = _Copy(module, blocked, _state(module))
+            copy = _Copy.of(module, blocked)
             module.forward = copy.forward  # an instance attribute: `remove` deletes it
             self.copies[module] = copy
         return len(self.copies)

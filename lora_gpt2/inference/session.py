@@ -89,8 +89,7 @@ class GenerationSession:
         self.close()
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt's tokens; an empty prompt starts a new document (<|endoftext|>)."""
-        return tokenizer.encode(prompt) or [tokenizer.EOT_ID]
+        return tokenizer.encode_prompt(prompt)
 
     def generator(self, seed: int) -> torch.Generator:
         if not 0 <= seed < 2**63:

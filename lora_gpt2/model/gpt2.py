@@ -1,6 +1,6 @@
-"""GPT-2 written from LoRA layers (lora.py) and LayerNorm.
+"""GPT-2 written from LoRA layers (adapters/lora.py) and LayerNorm.
 
-Module names are the reference design's LoRA target names; weights.py maps them to
+Module names are the reference design's LoRA target names; checkpoints/hf.py maps them to
 Hugging Face's checkpoint keys. The frozen weights may be stored in float32, bfloat16
 or float16; LoRA parameters stay float32.
 """

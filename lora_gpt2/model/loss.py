@@ -35,7 +35,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(lora_b) if need_lora else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # Every chunk writes into the same (chunk, V) buffers. New ones for each chunk would be
-        # fresh memory each time: under training's allocator setting (allocator.py) blocks this
+        # fresh memory each time: under training's allocator setting (training/allocator.py) blocks this
         # large are mapped when allocated and unmapped when freed, so each new one is faulted in
         # page by page (measured on a 2-layer model: 26% of a step).
         rows_max, vocab = min(chunk, n), weight.size(0)
@@ -113,7 +113,7 @@ def fused_lm_head_loss(h: torch.Tensor, lm_head: torch.nn.Module, targets: torch
     flat_t = targets.reshape(-1)  # (B*T,)
     terms = head_terms(lm_head)
     if terms is None:
-        # (B, T, d) in, not flattened: a bank's per-row updates need the rows (bank.py)
+        # (B, T, d) in, not flattened: a bank's per-row updates need the rows (inference/bank.py)
         return F.cross_entropy(lm_head(h).flatten(0, 1).float(), flat_t, ignore_index=-1, reduction=reduction)
     counted = int((flat_t >= 0).sum())  # one host sync per call, not one per chunk
     # an empty count gives 0/0 = nan, as F.cross_entropy's mean does

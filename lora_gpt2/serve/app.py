@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request  # the serve extra; this module is imported
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import tokenizer
+from ..inference.decoding import fits
 from ..inference.sampling import SamplingConfig
 from .engine import Engine, Job
 from .request import ApiError, Completion, parse_completion
@@ -87,9 +88,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ApiError(404, f"the model {c.model!r} does not exist; served: {', '.join(names())}",
                            param="model", code="model_not_found")
         adapter = None if c.model == settings.base_name else c.model
-        prompts = [p if isinstance(p, list) else (tokenizer.encode(p) or [tokenizer.EOT_ID]) for p in c.prompts]
-        for ids in prompts:
-            if len(ids) + c.max_tokens > context:
+        prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
+        for ids in prompts:  # refused here, with OpenAI's code, before anything is queued
+            if not fits(len(ids), c.max_tokens, context):
                 raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than the "
                                f"model's context of {context}", param="max_tokens", code="context_length_exceeded")
         run = _Run(engine, c, adapter, prompts)
