@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark_common import dtype, measure, peak_memory_mb, session, sync, timed  # the scripts folder is on sys.path
+from benchmark_common import dtype, measure, peak_memory_mb, session as make_session, sync, timed  # the scripts folder is on sys.path
 from benchmark_machine import copy_bandwidth_gbs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def worker_generate(args) -> dict:
     if args.system == "lora-gpt2":
         from lora_gpt2.inference.sampling import SamplingConfig
 
-        session = session(args)
+        session = make_session(args)
 
         def run(k: int) -> int:
             stream = session.stream(prompt, SamplingConfig(max_new_tokens=k, temperature=0))
@@ -248,7 +248,7 @@ def worker_samples(args) -> dict:
     if args.system == "lora-gpt2":
         from lora_gpt2.inference.sampling import SamplingConfig
 
-        session = session(args)
+        session = make_session(args)
 
         def run(tokens: int) -> int:
             cfg = SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_k=200)
