@@ -36,8 +36,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             tmp.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             # a failed write() names no file: say which one, and that the old one is intact
-            raise WriteError(f"cannot write {path}: {exc.strerror or exc}; "
-                             f"{'the previous file is intact' if path.exists() else 'nothing was written'}") from None
+            reason = str(exc.strerror or exc)
+            raise WriteError(f"cannot write {path}: {reason}; "
+                             f"{'the previous file is intact' if path.exists() else 'nothing was written'}",
+                             reason) from None
         raise
     fsync_dir(path.parent)
 

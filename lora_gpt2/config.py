@@ -106,10 +106,10 @@ class LoRAConfig:
 
     The one place these settings are checked: the layers, the training config and every
     reader of an adapter build a LoRAConfig. `alpha=None` means alpha = r (scaling 1).
-    `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA); `dora` makes the layers DoRA
-    (adapters/dora.py). `layers` limits the
-    per-block targets to some blocks ("N": the last N; "A-B"; "A,B,C"); None is every block.
-    Embedding and lm_head targets do not depend on it.
+    `rslora` makes scaling alpha / sqrt(r) (rank-stabilised LoRA). `variant` names the layers'
+    maths and `init` how their tensors start, both rows of adapters/variants.py (which checks the
+    names). `layers` limits the per-block targets to some blocks ("N": the last N; "A-B";
+    "A,B,C"); None is every block. Embedding and lm_head targets do not depend on it.
     """
 
     targets: tuple[str, ...] = ("qkv_projection",)
@@ -118,7 +118,8 @@ class LoRAConfig:
     dropout: float = 0.0
     rslora: bool = False
     layers: str | None = None
-    dora: bool = False
+    variant: str = "lora"
+    init: str = "default"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -130,9 +131,11 @@ class LoRAConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("rslora", "dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        for name in ("variant", "init"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
         if self.layers is not None:
             parse_layers(self.layers)
 
@@ -163,4 +166,10 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "rslora": self.rslora, "layers": self.layers, "dora": self.dora}
+                "rslora": self.rslora, "layers": self.layers, "variant": self.variant, "init": self.init}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LoRAConfig":
+        """The inverse of `to_dict` (KeyError without targets and r; absent optional keys default)."""
+        optional = {k: values[k] for k in ("alpha", "dropout", "rslora", "layers", "variant", "init") if k in values}
+        return cls(targets=tuple(values["targets"]), r=values["r"], **optional)

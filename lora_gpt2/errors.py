@@ -22,4 +22,8 @@ class TrainingStopped(LoraGPT2Error):
 
 
 class WriteError(LoraGPT2Error, OSError):
-    """A file could not be written (disk full, permissions); the message names it."""
+    """A file could not be written (disk full, permissions); the message names it, `reason` says why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message

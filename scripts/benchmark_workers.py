@@ -68,7 +68,7 @@ def _train(args) -> dict:
             rank=args.rank, alpha=float(args.rank), dropout=0.0, dtype=args.dtype, block_size=args.block_size,
             batch_size=args.batch_size, max_steps=10**6, eval_interval=10**6, device=args.device,
             compile=args.compile, grad_clip=0.0, warmup_steps=0, min_lr_ratio=1.0, lr=1e-4, seed=0,
-            layers=args.layers, dora=args.variant == "dora", grad_checkpoint=args.grad_ckpt)))
+            layers=args.layers, variant=args.variant, grad_checkpoint=args.grad_ckpt)))
         # the same batches, learning rate and optimiser as the PEFT side below
         trainer = Trainer(factory.build(cfg, distributed.setup(args.device), "no"))
 

@@ -48,6 +48,7 @@ def server(world):
 
     from lora_gpt2.serve.app import ServeSettings, create_app
     from lora_gpt2.serve.engine import Engine
+    from lora_gpt2.serve.protocol import server_config
 
     base, adapters, _ = world
     bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
@@ -56,7 +57,7 @@ def server(world):
     engine = Engine(bank, max_batch=4).start()
     port = free_port()
     app = create_app(engine, ServeSettings("tiny-base", KEY, body_timeout_s=BODY_TIMEOUT_S))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", port, BODY_TIMEOUT_S))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lora_gpt2.checkpoints import adapter_dir as checkpoint
 from lora_gpt2 import load_pretrained
@@ -12,6 +13,9 @@ from lora_gpt2.errors import CheckpointError
 from lora_gpt2.adapters.lora import lora_parameters
 from lora_gpt2.checkpoints.merged import write_merged
 from lora_gpt2.checkpoints.peft import export_peft
+from lora_gpt2.adapters import lora
+from lora_gpt2.config import LoRAConfig, ModelConfig
+from lora_gpt2.model.gpt2 import GPT2
 
 from helpers import five_steps_agree, ids, make_hf_model
 
@@ -161,14 +165,83 @@ def test_tensors_missing_extra_or_misshapen_are_named(tiny_checkpoint, tmp_path)
     meta = json.loads((adapter / "adapter.json").read_text())
     meta.pop("adapter_sha256")  # hand-edited adapters carry no checksum
     (adapter / "adapter.json").write_text(json.dumps(meta))
+    says = r"adapter.json says r=4, targets qkv_projection, variant lora, but "
     cases = [
         ({k: v for k, v in tensors.items() if k != "blocks.1.attn.qkv_projection.lora_b"},
-         "missing tensor 'blocks.1.attn.qkv_projection.lora_b'"),
-        ({**tensors, "blocks.0.ffn.linear_in.lora_a": torch.zeros(4, 32)}, "unexpected tensor 'blocks.0.ffn.linear_in.lora_a'"),
+         says + "it has no tensor blocks.1.attn.qkv_projection.lora_b$"),
+        ({**tensors, "blocks.0.ffn.linear_in.lora_a": torch.zeros(4, 32)},
+         says + "it holds tensor blocks.0.ffn.linear_in.lora_a, which that has no place for$"),
         ({**tensors, "blocks.0.attn.qkv_projection.lora_a": torch.zeros(4, 33)},
-         r"'blocks.0.attn.qkv_projection.lora_a' has shape \(4, 33\), expected \(4, 32\)"),
+         says + r"tensor blocks.0.attn.qkv_projection.lora_a is \(4, 33\) where that needs \(4, 32\)$"),
     ]
     for content, message in cases:
         save_file(content, adapter / "adapter.safetensors")
         with pytest.raises(CheckpointError, match=message):
             load_with_adapter(str(adapter), model=path)
+
+
+class ScaledOnly(lora.AdapterLayer, lora.FrozenLinear):
+    """A made-up variant with a parameter of another name: out = linear(x, W * (1 + gain)).
+
+    It declares itself through the interface only; nothing else in lora-gpt2 knows it.
+    """
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out, bias=False)
+        self.gain = torch.nn.Parameter(torch.zeros(n_out, 1))
+        self.merged, self.active = False, True
+
+    def adapter_params(self):
+        return {"gain": self.gain}
+
+    def reset_adapter_parameters(self):
+        torch.nn.init.zeros_(self.gain)
+
+    def merge(self):
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.mul_(1 + self.gain)
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            with torch.no_grad():
+                self.weight.div_(1 + self.gain)
+            self.merged = False
+
+    def forward(self, x):
+        if self.merged or not self.active:
+            return F.linear(x, self.weight)
+        return F.linear(x, self.weight * (1 + self.gain))
+
+
+def test_a_new_variant_is_trained_saved_and_computed_right_through_the_interface_alone():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=False)
+    model = GPT2(cfg, LoRAConfig(targets=()))
+    model.lm_head = ScaledOnly(8, 40)
+    lora.mark_only_lora_trainable(model)
+    assert set(lora.lora_parameters(model)) == {"lm_head.gain"}  # freezing, counting and saving see it
+    assert lora.count_parameters(model)[0] == 40
+    with torch.no_grad():
+        model.lm_head.gain.normal_(std=0.5)
+    x, y = torch.randint(0, 40, (2, 10)), torch.randint(0, 40, (2, 10))
+    # the fused loss cannot know this layer's maths: it must use its forward, not a wrong formula
+    expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    fused = model(x, targets=y)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
+    fused.backward()
+    assert model.lm_head.gain.grad is not None and model.lm_head.gain.grad.abs().sum() > 0
+    before = model(x)
+    model.merge()
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+
+
+def test_peft_export_refuses_a_tensor_it_has_no_name_for(tmp_path):
+    from lora_gpt2.errors import CheckpointError
+    from lora_gpt2.checkpoints.peft import export_peft
+
+    tensors = {"blocks.0.attn.qkv_projection.gain": torch.ones(96)}
+    with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv_projection.gain' has no PEFT equivalent"):
+        export_peft(tensors, LoRAConfig(), 2, "gpt2", tmp_path / "peft")
+    assert not (tmp_path / "peft" / "adapter_config.json").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_gpt2"
-BASE = {"errors", "atomic", "tokenizer", "layout", "config", "devices"}
+BASE = {"errors", "atomic", "tokenizer", "layout", "config", "devices", "runs"}
 FRONT = {"__init__", "__main__"}  # `import lora_gpt2` (lazy load_pretrained), `python -m lora_gpt2`
 # each part and the parts it may import (besides the base modules, which import only each other)
 MAY_IMPORT = {
@@ -105,3 +105,28 @@ def test_a_layer_holds_its_maths():
         text = path.read_text()
         for word in ("mkldnn", "_version", "packed", "self.extra", "self.folded", "register_forward"):
             assert word not in text, f"{path.name} mentions {word!r}"
+
+
+def _code_strings(tree: ast.AST) -> set[str]:
+    """String constants of a module that are not docstrings."""
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs}
+
+
+def test_only_the_run_folder_spells_a_runs_paths():
+    """runs.RunFolder names every path of a run; nothing else writes "best", "metrics.jsonl", ...
+    (the one other "last" is --layers' "the last N blocks")."""
+    names = {"best", "last", "metrics.jsonl", "loss.png", ".lock", "wandb-run-id", "config.json"}
+    allowed = {("lora_gpt2.config", "last")} | {(m, "config.json") for m in (
+        "lora_gpt2.checkpoints.hf", "lora_gpt2.checkpoints.hub", "lora_gpt2.checkpoints.merged",
+        "lora_gpt2.checkpoints.outputs")}  # Hugging Face's config.json of a model folder, not a run's
+    for path in MODULES:
+        name = module_name(path)
+        if name == "lora_gpt2.runs":
+            continue
+        spelled = {s for s in _code_strings(ast.parse(path.read_text())) if s in names} - \
+            {s for m, s in allowed if m == name}
+        assert not spelled, f"{name} spells {sorted(spelled)}; ask runs.RunFolder"

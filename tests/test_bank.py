@@ -85,8 +85,8 @@ def test_what_a_bank_refuses(world):
     tensors = {k: v.detach() for k, v in lora_parameters(singles["attn"]).items()}
     with pytest.raises(ValueError, match="adapter name 'attn' is given twice"):
         bank.add("attn", ADAPTERS["attn"], tensors)
-    with pytest.raises(CheckpointError, match="is a DoRA adapter"):
-        bank.add("dora", LoRAConfig(targets=("attn",), r=4, dora=True), tensors)
+    with pytest.raises(CheckpointError, match="is a dora adapter: its magnitude rescales whole outputs"):
+        bank.add("dora", LoRAConfig(targets=("attn",), r=4, variant="dora"), tensors)
     wrong = dict(tensors)
     wrong["blocks.0.attn.qkv_projection.lora_a"] = torch.zeros(3, 32)
     with pytest.raises(CheckpointError, match="tensor blocks.0.attn.qkv_projection.lora_a is missing, unexpected"):

@@ -140,7 +140,8 @@ def test_disk_full_stops_with_the_path_and_keeps_the_previous_checkpoint(tiny_ch
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    with pytest.raises(WriteError, match=r"cannot write .*run/\.tmp-\d+-last/state.pt: No space left on device"):
+    with pytest.raises(WriteError, match=f"^cannot write checkpoint {out / 'last'}: No space left on device; the "
+                                         "previous one is intact$"):
         train(cfg)
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert assert_loadable(out, tiny_checkpoint[0]) == 4

@@ -183,3 +183,52 @@ def test_read_only_folder_and_cache_is_one_line_naming_the_setting(tmp_path):
     assert done.stderr.strip().endswith("set LORA_GPT2_CACHE to a writable folder")
     assert list(share.iterdir()) == [share / "input.txt"] and list(cache.iterdir()) == []
     assert not (tmp_path / "run").exists()  # the refused run left no folder behind
+
+
+def _prepare_and_read(data, column, barrier, queue):
+    """In a child process: prepare `data` read by `column` once every child is ready, and send back
+    the token files this process then reads (train, val)."""
+    from lora_gpt2.data import Options, ensure_prepared
+
+    barrier.wait()
+    p = ensure_prepared(data, Options(text_column=column))
+    queue.put((column, p.train.read_bytes(), p.val.read_bytes()))
+
+
+def test_two_processes_preparing_other_columns_at_once_each_read_their_own(tmp_path):
+    """Preparing is keyed by what decides the tokens (content, kind, columns) and safe to race:
+    processes choosing other CSV columns of one file at the same moment each end up with files
+    identical to a clean preparation of their own choice, never the other's, never a mix."""
+    import csv
+    import multiprocessing
+
+    from lora_gpt2.data import Options, ensure_prepared
+
+    rows = [(f"alpha {i} " * 40, f"beta {i} " * 40) for i in range(400)]
+    data = tmp_path / "shared" / "rows.csv"
+    data.parent.mkdir()
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([("a", "b"), *rows])
+    clean = {}
+    for column in "ab":
+        alone = tmp_path / f"clean-{column}"
+        alone.mkdir()
+        (alone / "rows.csv").write_bytes(data.read_bytes())
+        p = ensure_prepared(alone / "rows.csv", Options(text_column=column))
+        clean[column] = (p.train.read_bytes(), p.val.read_bytes())
+    assert clean["a"] != clean["b"]
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        for leftover in data.parent.iterdir():  # every attempt prepares afresh
+            if leftover != data:
+                leftover.unlink()
+        barrier, queue = ctx.Barrier(4), ctx.Queue()
+        children = [ctx.Process(target=_prepare_and_read, args=(data, c, barrier, queue)) for c in "abab"]
+        for child in children:
+            child.start()
+        results = [queue.get(timeout=120) for _ in children]
+        for child in children:
+            child.join(timeout=60)
+            assert child.exitcode == 0
+        for column, train, val in results:
+            assert (train, val) == clean[column], (attempt, column)

@@ -280,3 +280,65 @@ def test_a_folder_of_one_real_document_and_empty_ones_cannot_be_split(tmp_path):
     (tmp_path / "b.txt").write_text("\n\n")
     with pytest.raises(DataError, match=r"holds 1 document; splitting train and val needs at least 2$"):
         ensure_prepared(tmp_path)
+
+
+def _tokens_of(prepared):
+    return [t for split in ("train", "val") for t, _ in rows_of(prepared, split)]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Excel saves CSV as UTF-8 with a BOM, and so do some JSONL writers: read them without it."""
+    rows = [(f"row {i} says hello",) for i in range(12)]
+    plain = ensure_prepared(write_csv(tmp_path / "plain.csv", ["text"], rows))
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    assert _tokens_of(ensure_prepared(excel)) == _tokens_of(plain)
+    lines = write_jsonl(tmp_path / "plain.jsonl", PAIRS)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + lines.read_bytes())
+    assert _tokens_of(ensure_prepared(bom)) == _tokens_of(ensure_prepared(lines))
+    assert ensure_prepared(bom).kind == "prompt/completion"
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    long = "word " * 40_000  # 200,000 characters in one cell; the csv module stops at 131,072
+    rows = [(long if i == 3 else f"row {i}",) for i in range(12)]
+    p = ensure_prepared(write_csv(tmp_path / "long.csv", ["text"], rows))
+    assert max(len(t) for t in _tokens_of(p)) > 40_000
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply to read"),
+    ('{"text": "x", "n": ' + "7" * 5_000 + "}", "holds a number too long to read"),
+])
+def test_hostile_jsonl_lines_get_one_line_naming_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=f"^{path} line 2: {message}"):
+        ensure_prepared(path)
+    first = tmp_path / "first.jsonl"
+    first.write_text(line + "\n")
+    with pytest.raises(DataError, match=f"^{first} line 1: {message}"):
+        ensure_prepared(first)
+
+
+def test_a_documents_folder_with_a_non_utf8_name_and_an_unreadable_file(tmp_path):
+    import os
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("hello there\n" * 20)
+    with open(os.fsencode(docs) + b"/b\xff.txt", "wb") as f:  # a name that is not UTF-8: still a document
+        f.write(b"general kenobi\n" * 20)
+    p = ensure_prepared(docs)
+    assert p.examples("train") + p.examples("val") == 2
+    locked = docs / "c.txt"
+    if os.geteuid() == 0:  # root reads any file: a file whose reading fails (EIO) stands in for it
+        os.symlink("/proc/self/mem", locked)
+        expected = f"{locked} cannot be read (input/output error)"
+    else:
+        locked.write_text("you shall not read\n")
+        locked.chmod(0)
+        expected = f"{locked} cannot be read (permission denied)"
+    with pytest.raises(DataError, match="^" + expected.replace("(", r"\(").replace(")", r"\)") + "$"):
+        ensure_prepared(docs)

@@ -1,5 +1,6 @@
-"""`--log tensorboard` and `--log wandb`: read back with each tool's own reader, equal to
-metrics.jsonl; a logger that fails never stops training."""
+"""What a run reports: typed events in order to its subscribers, metrics.jsonl (torn lines
+skipped), loss.png; and `--log tensorboard` and `--log wandb`: read back with each tool's own
+reader, equal to metrics.jsonl; a logger that fails never stops training."""
 
 import json
 from pathlib import Path
@@ -197,3 +198,58 @@ def test_a_missing_extra_is_one_line_and_changes_nothing(tiny_checkpoint, text_d
     assert stderr.strip() == (f"lora-gpt2: error: --log {name} needs the {name} package: "
                               f"pip install 'lora-gpt2[{name}]'")
     assert not out.exists()
+
+
+def test_torn_metrics_lines_are_skipped(tmp_path):
+    from lora_gpt2.training import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo\n[1, 2]\n{"step": "3"}\n'
+                    '{"step": 4, "train_loss": 1.5}\n{"step": 5, "tr')
+    assert [r["step"] for r in metrics.read_metrics(path)] == [1, 4]
+    metrics.truncate_after(path, 3)
+    assert path.read_text() == '{"step": 1, "train_loss": 2.0}\n'
+
+
+def test_draw_loss_leaves_the_callers_matplotlib_alone(tmp_path):
+    import matplotlib
+
+    from lora_gpt2.training.plot import draw_loss
+
+    backend = matplotlib.get_backend()
+    (tmp_path / "m.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "train_loss": 2.0, "val_loss": 2.5}\n')
+    assert draw_loss(tmp_path / "m.jsonl", tmp_path / "loss.png")
+    assert matplotlib.get_backend() == backend
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_subscribers_receive_typed_events_in_order(tiny_checkpoint, text_data, tmp_path):
+    from lora_gpt2.training import Subscriber, train
+
+    class Recorder(Subscriber):
+        def __init__(self):
+            self.events = []
+
+        def handle(self, event):
+            self.events.append(event)
+
+    recorder = Recorder()
+    result = train(train_config(tiny_checkpoint[0], text_data, tmp_path / "run", max_steps=4, eval_interval=2,
+                                log_interval=1), subscribers=[recorder])
+    names = [(e.kind, e.path.name if e.kind == "saved" else getattr(e, "step", None)) for e in recorder.events]
+    best_saves = [i for i, n in enumerate(names) if n == ("saved", "best")]
+    assert all(names[i - 1][0] == "evaluated" and recorder.events[i - 1].best for i in best_saves)
+    assert ("saved", "best") == names[5]  # the first evaluation is always the best so far
+    assert [n for n in names if n != ("saved", "best")] == [
+        ("started", 0),
+        ("stepped", 1), ("logged", None),
+        ("stepped", 2), ("evaluated", 2), ("logged", None), ("saved", "last"),
+        ("stepped", 3), ("logged", None),
+        ("stepped", 4), ("evaluated", 4), ("logged", None), ("saved", "last"),
+        ("finished", None)]
+    logged = [e.record for e in recorder.events if e.kind == "logged"]
+    on_disk = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == on_disk and recorder.events[-1].result == result

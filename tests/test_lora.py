@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lora_gpt2.adapters import lora
 from lora_gpt2.config import LoRAConfig, ModelConfig, resolve_targets
 from lora_gpt2.model.gpt2 import GPT2
+from lora_gpt2 import load_pretrained
 
 
 def test_linear_follows_the_spec():
@@ -245,3 +246,18 @@ def test_fused_loss_faults_in_its_chunk_buffers_once_not_once_per_chunk(adapted)
     loss_module.fused_lm_head_loss(h, head, y, chunk=chunk).backward()
     faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faulted < 4 * buffer_pages, f"{faulted} page faults; one chunk buffer is {buffer_pages} pages"
+
+
+def test_merge_then_unmerge_leaves_the_tied_pair_tied_and_merged_state_dict_leaves_the_model_alone(tiny_checkpoint):
+    from lora_gpt2.checkpoints.merged import merged_state_dict
+
+    model = load_pretrained(tiny_checkpoint[0], targets=("token_embedding", "lm_head"), r=2)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.normal_(std=0.1)
+    embedding = model.token_embedding.weight.clone()
+    state, tied = merged_state_dict(model)
+    assert tied is False and "lm_head.weight" in state
+    assert model.tied and model.lm_head.weight is model.token_embedding.weight
+    assert not any(layer.merged for layer in model.lora_layers().values())
+    torch.testing.assert_close(model.token_embedding.weight, embedding, rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ from lora_gpt2.checkpoints import adapter_dir as checkpoint
 from lora_gpt2.checkpoints.reading import read_adapter
 from lora_gpt2.training import train
 
-from helpers import cli_command, subprocess_env, train_config
+from helpers import SAMPLE_TEXT, cli_command, subprocess_env, train_config
 
 FAST = ["--targets", "qkv_projection", "--rank", "4", "--block-size", "32", "--batch-size", "2", "--dtype", "float32",
         "--device", "cpu", "--eval-batches", "1", "--dropout", "0"]
@@ -70,6 +70,28 @@ def test_a_refused_resume_changes_nothing_and_the_run_still_resumes(tiny_checkpo
     code, _, err = cli("train", "--out", out, "--resume", "--max-steps", "6")
     assert code == 0, err
     assert checkpoint.load_state(out / "last")["step"] == 6
+
+
+def test_resume_after_the_data_changed_is_refused_naming_the_file_and_both_hashes(tiny_checkpoint, tmp_path, cli):
+    """A changed data content is a changed meaning, as a changed path is: best/ would otherwise be
+    chosen across two validation sets."""
+    import hashlib
+
+    data = tmp_path / "story.txt"
+    data.write_text(SAMPLE_TEXT)
+    out = tmp_path / "run"
+    train(train_config(tiny_checkpoint[0], data, out, max_steps=2, eval_interval=2))
+    old = hashlib.sha256(data.read_bytes()).hexdigest()
+    data.write_text(SAMPLE_TEXT.replace("ROMEO", "TYBALT"))
+    new = hashlib.sha256(data.read_bytes()).hexdigest()
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = cli("train", "--out", out, "--resume", "--max-steps", "4")
+    assert code == 1 and err.strip().splitlines() == [
+        f"lora-gpt2: error: cannot resume {out}: {data} changed since the run began (sha256 {old[:16]} then, "
+        f"{new[:16]} now); put the data back, or start a new run with another --out"]
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    data.write_text(SAMPLE_TEXT)  # the same content again: the run continues
+    assert cli("train", "--out", out, "--resume", "--max-steps", "4")[0] == 0
 
 
 def test_resume_applies_a_new_learning_rate_and_says_so(tiny_checkpoint, text_data, tmp_path, cli):
@@ -188,6 +210,14 @@ def test_outputs_never_land_inside_a_run_or_over_other_files(finished_run, tmp_p
     assert code == 0, err
     code, _, err = cli(command, run, busy, "--force")
     assert code == 0 and (busy / "notes.txt").read_text() == "mine"
+    # another tool's output under the same file names is not an earlier output of ours
+    other = tmp_path / "other"
+    other.mkdir()
+    name = "adapter_config.json" if command == "export" else "config.json"
+    (other / name).write_text('{"peft_type": "LORA", "r": 99}')
+    code, _, err = cli(command, run, other)
+    assert code == 1 and f"holds '{name}', which this command did not write" in err, err
+    assert (other / name).read_text() == '{"peft_type": "LORA", "r": 99}' and len(list(other.iterdir())) == 1
 
 
 def test_export_checks_the_adapter_like_every_reader(finished_run, tmp_path, cli):
@@ -197,6 +227,30 @@ def test_export_checks_the_adapter_like_every_reader(finished_run, tmp_path, cli
     code, _, err = cli("export", finished_run / "best", tmp_path / "peft")
     assert code == 1 and "does not match the sha256 in adapter.json" in err
     assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lora: lora.update(r=2), "adapter.json says r=2, targets qkv_projection, variant lora, but tensor "
+                                    "blocks.0.attn.qkv_projection.lora_a is (4, 32) where that needs (2, 32)"),
+    (lambda lora: lora.update(targets=["qkv_projection", "lm_head"]),
+     "adapter.json says r=4, targets qkv_projection,lm_head, variant lora, but it has no tensor lm_head.lora_a"),
+    (lambda lora: lora.update(variant="dora"), "adapter.json says r=4, targets qkv_projection, variant dora, but it "
+                                               "has no tensor blocks.0.attn.qkv_projection.magnitude"),
+    (lambda lora: lora.update(targets=["output_projection"]), "adapter.json says r=4, targets output_projection, "
+                                                              "variant lora, but it has no tensor "
+                                                              "blocks.0.attn.output_projection.lora_a"),
+])
+def test_what_adapter_json_says_must_agree_with_the_tensors(finished_run, tmp_path, cli, edit, message):
+    meta_path = finished_run / "best" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta["lora"])
+    meta_path.write_text(json.dumps(meta))
+    for command in (["export", finished_run / "best", tmp_path / "peft"], ["generate", "Hi", "--adapter", finished_run,
+                                                                          "--max-new-tokens", "2"]):
+        code, _, err = cli(*command)
+        assert code == 1 and err.strip().splitlines() == [
+            f"lora-gpt2: error: {finished_run / 'best' / 'adapter.safetensors'}: {message}"], (command, err)
+    assert not (tmp_path / "peft").exists()
 
 
 @pytest.mark.parametrize("edit, message", [

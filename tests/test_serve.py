@@ -11,7 +11,7 @@ import torch
 
 from lora_gpt2 import tokenizer
 
-from helpers import cli_command, subprocess_env
+from helpers import ROOT, cli_command, subprocess_env
 from serving import KEY, free_port, greedy_text  # the world and server fixtures: tests/serving.py
 
 pytest.importorskip("fastapi")
@@ -91,6 +91,22 @@ def test_seeded_samples_n_and_a_prompt_list(client):
     assert len({c.text for c in first.choices}) == 4
 
 
+def test_one_request_holds_at_most_the_readmes_64_completions(client):
+    """The README's limit and the code's are one number: n alone may reach it, prompts x n too."""
+    import re
+
+    from lora_gpt2.serve.request import MAX_CHOICES
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"at most {MAX_CHOICES} completions" in " ".join(readme.split())
+    assert len(client.completions.create(model="plays", prompt="A", max_tokens=1, n=64).choices) == 64
+    assert len(client.completions.create(model="plays", prompt=["A", "B"], max_tokens=1, n=32).choices) == 64
+    with pytest.raises(openai.BadRequestError, match=re.escape("n: must be between 1 and 64, got 65")):
+        client.completions.create(model="plays", prompt="A", max_tokens=1, n=65)
+    with pytest.raises(openai.BadRequestError, match=re.escape("3 prompts x n 22 is more than 64 completions")):
+        client.completions.create(model="plays", prompt=["A", "B", "C"], max_tokens=1, n=22)
+
+
 def test_stop_strings_end_the_text_before_them(client, world):
     _, _, singles = world
     full = greedy_text(singles, "poems", "The quick brown", 30)
@@ -162,6 +178,29 @@ def test_raw_http_errors_keep_openais_shape(server):
     for response, status, code in cases:
         assert response.status_code == status, response.text
         assert response.json()["error"]["code"] == code
+    assert httpx.get(server[0] + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_pathological_json_bodies_get_400_and_the_log_stays_clean(server, caplog):
+    """Valid JSON, hostile shape: 50,000 nested lists as the prompt, an unknown field 50,000
+    objects deep, a 5,000-digit integer in a field, and a 4,000-digit one (Python reads it, so the
+    message must not repeat it whole)."""
+    import logging
+
+    import httpx
+
+    caplog.set_level(logging.WARNING)
+    head = b'{"model": "poems", '
+    cases = [(head + b'"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "invalid_json"),
+             (head + b'"prompt": "x", "extra": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}", "invalid_json"),
+             (head + b'"prompt": "x", "max_tokens": ' + b"7" * 5_000 + b"}", "invalid_json"),
+             (head + b'"prompt": "x", "seed": ' + b"7" * 4_000 + b"}", "invalid_value")]
+    for body, code in cases:
+        response = raw(server, body)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["code"] == code and len(error["message"]) < 300, error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
     assert httpx.get(server[0] + "/health", timeout=10).json()["status"] == "ok"
 
 

@@ -191,3 +191,101 @@ def test_bounded_load_every_response_is_well_formed_and_exact(server, world):
     # (a GEMM with more rows sums in another order) can move a draw across a token boundary; most pairs agree
     assert same >= 0.8 * sum(len(f) for f, _ in seen.values())
     assert engine.active == 0 and httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
+
+
+def exchange(port: int, data: bytes, then: bytes = b"", wait: float = 0.0, timeout: float = BODY_TIMEOUT_S * 3):
+    """Send raw bytes (and, after `wait` seconds, more), read until the server closes: (reply, closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if then:
+            time.sleep(wait)
+            with __import__("contextlib").suppress(OSError):
+                s.sendall(then)
+        reply, closed = b"", False
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                closed = True
+                break
+            reply += chunk
+        return reply, closed
+
+
+def openai_error(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return status, error
+
+
+def test_errors_below_the_routes_are_openais_shape_and_close(server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+    cases = [
+        (b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found"),
+        (b"DELETE /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 405, "method_not_allowed"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400, "invalid_http"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(2_000)) + b"\r\n",
+         431, "headers_too_large"),
+    ]
+    for request, status, code in cases:
+        reply, closed = exchange(port, request)
+        got, error = openai_error(reply)
+        assert (got, error["code"]) == (status, code), reply[:300]
+        if status != 404 and status != 405:
+            assert closed  # a connection that spoke bad HTTP is not kept
+    assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_slow_headers_get_408_and_every_408_closes_the_connection(server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    start = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT_S * 3) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        reply = b""
+        while True:  # one header byte every 0.2 s, never finishing the header block
+            try:
+                s.sendall(b"X")
+            except OSError:
+                break
+            s.settimeout(0.2)
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:  # the server closed its side after its reply
+                break
+            reply += chunk
+        took = time.time() - start
+    status, error = openai_error(reply)
+    assert (status, error["code"]) == (408, "request_timeout") and "headers" in error["message"]
+    assert BODY_TIMEOUT_S * 0.9 < took < BODY_TIMEOUT_S * 2
+    body = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + \
+        KEY.encode() + b"\r\nContent-Length: 200\r\n\r\n{"
+    reply, closed = exchange(port, body)  # headers in time, the body never
+    status, error = openai_error(reply)
+    assert (status, error["code"], closed) == (408, "request_timeout", True)
+
+
+def test_a_plain_request_whose_client_left_is_cancelled(server):
+    base, engine = server
+    body = {"model": "plays", "prompt": "x", "max_tokens": 480, "temperature": 1.0, "n": 32}
+    start = time.time()
+    whole = httpx.post(base + "/v1/completions", json=body, headers=AUTH, timeout=120)
+    alone = time.time() - start
+    assert whole.status_code == 200 and alone > 1.0, alone  # long enough to tell a cancel from the end
+    left = time.time()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
+    while engine.active and time.time() - left < alone:
+        time.sleep(0.02)
+    freed = time.time() - left
+    assert engine.active == 0 and freed < alone / 2, (freed, alone)

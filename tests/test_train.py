@@ -1,4 +1,5 @@
-"""The training loop: learning, frozen weights, adapter files, exact resume, stops and errors."""
+"""The training loop: learning, frozen weights, adapter files, exact resume, the gradient norm
+and its clipping (LoRA+ included), the schedule, stops and errors."""
 
 import json
 import math
@@ -19,7 +20,11 @@ COMPARED = ("step", "train_loss", "val_loss", "lr")
 
 
 def records(out):
-    return [{k: r.get(k) for k in COMPARED} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [{k: r.get(k) for k in COMPARED} for r in metric_rows(out)]
+
+
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_when_overfitting_and_only_lora_changes(tiny_checkpoint, text_data, tmp_path):
@@ -49,7 +54,7 @@ def test_adapter_holds_exactly_the_lora_tensors_and_reloads_to_identical_logits(
     meta = json.loads((last / "adapter.json").read_text())
     assert meta["step"] == 6 and meta["lora"] == {"targets": ["qkv_projection", "output_projection", "lm_head"],
                                                   "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False,
-                                                  "layers": None, "dora": False}
+                                                  "layers": None, "variant": "lora", "init": "default"}
     assert meta["base_fingerprint"] == trainer.model.fingerprint and meta["format_version"] == 1
     assert checkpoint.read_checkpoint(tmp_path / "run").path == tmp_path / "run" / "best"  # a run means best/
     ckpt = checkpoint.read_checkpoint(last)
@@ -178,3 +183,61 @@ def test_flops_per_token_of_gpt2_small_by_hand():
     assert matmul_weights == 123_532_032
     expected = 2 * matmul_weights + 2 * matmul_weights + 2 * 2 * layers * t * d * 2  # fwd, input grads, attention
     assert lora_training_flops_per_token(ModelConfig(), t) == expected == 513_002_496
+
+
+def test_lr_factor_at_its_ends():
+    from lora_gpt2.training import lr_factor
+
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)  # first warmup step: 1/warmup
+    assert lr_factor(9, 10, 100, 0.1) == 1.0  # warmup ends at the peak
+    assert lr_factor(10, 10, 100, 0.1) == 1.0  # cosine starts at the peak
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)  # the floor at the end
+    assert lr_factor(500, 10, 100, 0.1) == pytest.approx(0.1)  # and after it
+    assert lr_factor(0, 0, 1, 0.0) == 1.0  # no warmup, one step
+
+
+def test_grad_norm_is_the_norm_of_all_adapter_gradients_before_clipping(tiny_checkpoint, text_data, tmp_path):
+    cfg = train_config(tiny_checkpoint[0], text_data, tmp_path / "run", targets=("attn", "ffn"), grad_clip=1e-3)
+    with built_trainer(cfg) as trainer:
+        run = trainer.run_
+        batch = run.batches.get(0, 0)
+        loss = run.model(batch.x, targets=batch.y, reduction="sum") / run.batches.counted(0)
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params)
+        expected = torch.cat([g.flatten() for g in grads]).norm().item()
+        stats = trainer.train_step()
+    assert expected > 1e-2  # far above the clip: the value is the norm before clipping
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-5)
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_grad_norm_reaches_metrics_and_the_terminal_line(tiny_checkpoint, text_data, tmp_path, cli):
+    out = tmp_path / "run"
+    code, _, stderr = cli("train", "--model", tiny_checkpoint[0], "--data", str(text_data), "--out", str(out),
+                          "--targets", "attn", "--rank", "4", "--block-size", "32", "--batch-size", "2",
+                          "--max-steps", "4", "--eval-interval", "4", "--eval-batches", "1", "--log-interval", "2",
+                          "--device", "cpu", "--dtype", "float32")
+    assert code == 0
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    lines = [line for line in stderr.splitlines() if line.startswith("step 2 |")]
+    assert lines and f"grad norm {rows[0]['grad_norm']:.3g}" in lines[0]
+
+
+def test_lora_plus_clips_both_groups(tiny_checkpoint, text_data, tmp_path):
+    """With LoRA+ the lora_b tensors are a second optimiser group; clipping once covered only the
+    first (lora_a, whose gradient is zero at step 1), so lora_b took unclipped steps."""
+    def first_update(clip):
+        cfg = train_config(tiny_checkpoint[0], text_data, tmp_path / f"clip-{clip}", targets=("attn",),
+                           lora_plus_ratio=4.0, grad_clip=clip, warmup_steps=0)
+        with built_trainer(cfg) as trainer:
+            before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_b" in k}
+            trainer.train_step()
+            after = dict(trainer.model.named_parameters())
+            return max((after[k] - before[k]).abs().max().item() for k in before)
+
+    unclipped, clipped = first_update(0.0), first_update(1e-12)
+    assert unclipped > 1e-3  # Adam's first step: about lr x ratio
+    assert clipped < unclipped / 1000

@@ -1,4 +1,5 @@
-"""`lora-gpt2 train` from the command line: config precedence, bad values, Ctrl-C, DDP."""
+"""`lora-gpt2 train` from the command line and its settings: each declared once, config
+precedence, one validator, bad values, Ctrl-C, DDP."""
 
 import json
 import os
@@ -13,6 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_gpt2.training import config as tc
+from lora_gpt2.adapters import lora
+from lora_gpt2.config import LoRAConfig, ModelConfig
+from lora_gpt2.model.gpt2 import GPT2
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--targets", "qkv_projection", "--rank", "4", "--block-size", "32", "--batch-size", "4",
@@ -108,6 +112,28 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_checkpoint, text_data, tmp_pat
     assert json.loads((out / "last" / "adapter.json").read_text())["step"] == step + 3
 
 
+def test_a_second_ctrl_c_stops_at_once_and_says_it_did_not_save(tiny_checkpoint, text_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", tiny_checkpoint[0], "--data", text_data, "--out", out, *TINY, "--block-size", "64",
+            "--batch-size", "16", "--max-steps", "100000", "--eval-interval", "100000", "--log-interval", "1", "--save-interval", "5"]
+    proc = run_train(*args)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "last").exists():
+        time.sleep(0.05)
+    saved = json.loads((out / "last" / "adapter.json").read_text())["step"]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # two signals sent together arrive as one
+    proc.send_signal(signal.SIGINT)  # before the step (about a second here) can end: stop now
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "SIGINT: saving a checkpoint after this step (Ctrl-C again to stop at once)" in err
+    assert lines[-1] == ("lora-gpt2: error: stopped at once by a second Ctrl-C, without saving this step; the last "
+                         "checkpoint is intact (continue with --resume)"), lines[-3:]
+    assert "Traceback" not in err
+    assert saved >= 5 and json.loads((out / "last" / "adapter.json").read_text())["step"] % 5 == 0  # only --save-interval
+
+
 def test_ddp_two_gloo_processes_equal_one_process_over_the_same_global_batches(tiny_checkpoint, text_data, tmp_path):
     """Also: --grad-checkpoint under DDP changes nothing, and only rank 0 logs to TensorBoard."""
     common = ["--model", tiny_checkpoint[0], "--data", text_data, *TINY, "--max-steps", "4",
@@ -136,3 +162,116 @@ def test_ddp_two_gloo_processes_equal_one_process_over_the_same_global_batches(t
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("train/loss")] == \
         [(r["step"], r["train_loss"]) for r in rows]
+
+
+# a value other than the default for each kind of setting, valid for every setting of that kind
+OTHER = {"model": "gpt2-medium", "targets": "attn,lm_head", "dtype": "bfloat16", "variant": "dora", "init": "olora",
+         "layers": "2", "data": "elsewhere", "text_column": "body", "prompt_column": "q", "completion_column": "a",
+         "optimizer": "adam", "out": "out/other", "device": "cpu", "log": "wandb", "alpha": 4.0, "dropout": 0.25,
+         "lr": 0.002, "weight_decay": 0.125, "beta1": 0.5, "beta2": 0.75, "min_lr_ratio": 0.5, "grad_clip": 2.0,
+         "lora_plus_ratio": 4.0, "epochs": 1.5, "save_interval_minutes": 2.5}
+
+
+def test_every_declared_setting_is_a_flag_a_toml_key_and_a_resume_rule(tmp_path, cli, monkeypatch):
+    """Settings are declared once (training/config.py): each is a flag with its help, a TOML key
+    that --print-config writes back, and fixed on resume exactly when declared so."""
+    monkeypatch.setenv("COLUMNS", "250")  # room for every flag's name in the help table
+    code, help_text, _ = cli("train", "--help")
+    assert code == 0
+    for name, declared in tc.SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in help_text and declared.metadata["help"].split(":")[0].split(" (")[0][:30] in help_text, flag
+        default = getattr(getattr(tc.TrainConfig(), tc.FIELD_SECTION[name]), name)
+        if isinstance(default, bool) or (default is None and name == "mask_prompt"):
+            value, args = not default, [flag if not default else f"--no-{flag[2:]}"]
+        elif name in OTHER:
+            value = OTHER[name]
+            args = [flag, str(value)]
+        else:  # an integer
+            value = (default or 0) + 3
+            args = [flag, str(value)]
+        code, out, err = cli("train", *args, "--print-config")
+        assert code == 0, (name, err)
+        written = tc.read_toml_text(out)[tc.FIELD_SECTION[name]][name]
+        expected = tc.resolve(tc.flag_values({name: value}))
+        assert written == getattr(getattr(expected, tc.FIELD_SECTION[name]), name), name
+        assert written != default, name
+    fixed = {name for section, name in tc.FIXED_ON_RESUME}
+    assert fixed == {"model", "targets", "rank", "alpha", "rslora", "layers", "variant", "init", "data", "block_size",
+                     "text_column", "prompt_column", "completion_column", "mask_prompt", "optimizer",
+                     "lora_plus_ratio"}
+
+
+def test_resume_is_one_setting_read_one_way(tiny_checkpoint, text_data, tmp_path, cli):
+    assert [tc.resume_mode(v) for v in (None, False, True, "no", "yes", "auto", tc.Resume.auto)] == \
+        ["no", "no", "yes", "no", "yes", "auto", "auto"]
+    with pytest.raises(ValueError, match="resume must be one of no, yes, auto; got 'maybe'"):
+        tc.resume_mode("maybe")
+    args = ["train", "--model", tiny_checkpoint[0], "--data", text_data, "--out", tmp_path / "r", *TINY,
+            "--max-steps", "2", "--eval-interval", "2"]
+    assert cli(*args, "--resume", "auto")[0] == 0  # nothing there: a new run
+    code, _, err = cli(*args[:-2], "--resume", "--max-steps", "3")  # --resume alone, before another flag
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "last" / "adapter.json").read_text())["step"] == 3
+    code, _, err = cli(*args, "--resume", "maybe")
+    assert code == 1 and err.strip().splitlines() == [
+        "lora-gpt2: error: Invalid value for '--resume': Value error, 'maybe' is not one of 'no', 'yes', 'auto'. "
+        "(got 'maybe')"]
+
+
+@pytest.mark.parametrize("cli_key, lib_key, value, message", [
+    ("rank", "r", 0, "rank r must be >= 1, got 0"),
+    ("alpha", "alpha", -1.0, "alpha must be > 0, got -1.0"),
+    ("dropout", "dropout", 1.5, r"dropout must be in \[0, 1\), got 1.5"),
+])
+def test_one_validator_for_lora_settings_in_the_library_and_the_cli(cli_key, lib_key, value, message):
+    from lora_gpt2.training import config as tc
+
+    with pytest.raises(ValueError, match=message):
+        LoRAConfig(**{lib_key: value})
+    with pytest.raises(ValueError, match=message):
+        tc.resolve(tc.flag_values({cli_key: value}))
+    with pytest.raises(ValueError, match=message):
+        lora.Linear(4, 4, True, **{"r": 2, lib_key: value})
+
+
+def test_config_coercion_and_precedence():
+    from lora_gpt2.training import config as tc
+
+    assert tc.flag_values({"targets": "attn, lm_head", "rank": 4})["model"] == {
+        "targets": ("attn", "lm_head"), "rank": 4}
+    assert tc.flag_values({"lr": 1})["optim"]["lr"] == 1.0 and isinstance(tc.flag_values({"lr": 1})["optim"]["lr"], float)
+    with pytest.raises(ValueError, match="rank must be an integer, got True"):
+        tc.flag_values({"rank": True})
+    with pytest.raises(ValueError, match="model.targets must be a list of names, got 3"):
+        tc.read_toml_text("[model]\ntargets = 3\n")
+    file_layer = tc.read_toml_text("[optim]\nlr = 0.01\nepochs = 2\n[model]\nrank = 16\n")
+    resolved = tc.resolve(file_layer, tc.flag_values({"rank": 2, "max_steps": 7}))
+    assert (resolved.model.rank, resolved.optim.lr) == (2, 0.01)  # flag > file
+    assert (resolved.optim.max_steps, resolved.optim.epochs) == (7, None)  # a later layer's choice clears the other
+    assert resolved.data == tc.DataSettings()  # defaults fill the rest
+
+
+def test_labml_toml_is_the_reference_experiment_by_its_parameter_count():
+    """Rank 32 on all seven targets of GPT-2 small: the reference's trainable-parameter count, by hand."""
+    from lora_gpt2.training import config as tc
+
+    cfg = tc.resolve(tc.read_toml(ROOT / "configs" / "labml.toml"))
+    with torch.device("meta"):
+        model = GPT2(ModelConfig(), cfg.model.lora)
+    r, d, v, ctx = 32, 768, 50257, 1024
+    per_block = r * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    expected = 12 * per_block + r * (v + d) + r * (ctx + d) + r * (d + v)
+    assert lora.count_parameters(model)[0] == expected == 8_041_536
+    assert cfg.model.lora.scaling == 1.0 and cfg.optim.optimizer == "adam" and cfg.optim.lr == 1e-4
+    assert (cfg.data.batch_size, cfg.data.block_size, cfg.optim.epochs) == (32, 512, 10.0)
+
+
+def test_train_help_shows_the_effective_defaults(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one help line per option
+    code, out, _ = cli("train", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0
+    for shown in ("(default: 8)", "(default: 16.0)", "(default: 0.0005)", "(default: gpt2)",
+                  "(default: qkv_projection,output_projection,linear_in,linear_out)"):
+        assert shown.replace(" ", "") in text.replace(" ", ""), shown

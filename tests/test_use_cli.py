@@ -151,3 +151,30 @@ def test_prompt_longer_than_the_context_with_no_new_tokens(run_dir, cli):
 def test_export_of_unknown_format(run_dir, tmp_path, cli):
     code, _, err = cli("export", "--format", "gguf", run_dir, tmp_path / "x")
     assert code == 1 and "unknown export format 'gguf'; supported: peft" in err
+
+
+@pytest.mark.parametrize("samples", ["1", "3"])
+def test_max_new_tokens_0_generates_nothing_and_exits_0(run_dir, cli, samples):
+    """0 new tokens is a valid request (as OpenAI's max_tokens 0): the prompt alone, finish "length"."""
+    code, out, err = cli("generate", "KING:", "--adapter", run_dir, "--max-new-tokens", "0", "--num-samples", samples,
+                         "--json", "--device", "cpu")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == int(samples) and all(
+        (s["completion"], s["tokens"], s["finish_reason"]) == ("", 0, "length") for s in lines)
+    code, out, err = cli("generate", "KING:", "--adapter", run_dir, "--max-new-tokens", "0", "--device", "cpu")
+    assert code == 0 and out == "KING:\n", err
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_is_named_as_such(run_dir):
+    import subprocess
+
+    from helpers import cli_command, subprocess_env
+
+    done = subprocess.run(cli_command("generate", "--adapter", run_dir, "--max-new-tokens", "2", "--device", "cpu"),
+                          input=b"KING \xff said", capture_output=True, env=subprocess_env())
+    assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
+        "lora-gpt2: error: the prompt read from stdin is not UTF-8 text (invalid byte at offset 5)"]
+    done = subprocess.run(cli_command("generate", "--adapter", run_dir, "--max-new-tokens", "2", "--device", "cpu"),
+                          input="KING é said".encode(), capture_output=True, env=subprocess_env())
+    assert done.returncode == 0 and done.stdout.decode().startswith("KING é said")

@@ -144,6 +144,9 @@ def test_backward_stops_at_the_lowest_adapted_block(four_blocks, monkeypatch):
     (["--layers", "x"], "got 'x'"),
     (["--lora-plus-ratio", "0"], "lora_plus_ratio must be > 0, got 0.0"),
     (["--lora-plus-ratio", "-2"], "lora_plus_ratio must be > 0, got -2.0"),
+    (["--variant", "vera"], "unknown LoRA variant 'vera'; choose one of lora, dora"),
+    (["--init", "pissa_niter_0"], "unknown LoRA init 'pissa_niter_0'; choose one of default, pissa, olora or "
+                                  "pissa_niter_N"),
 ])
 def test_bad_variant_values_are_one_line(args, message, cli):
     code, _, err = cli("train", *args, "--print-config")
@@ -167,9 +170,30 @@ def test_resuming_with_another_variant_is_refused(tiny_checkpoint, text_data, tm
     assert meta["lora"]["layers"] == "1" and meta["lora"]["rslora"] is False
     for extra, named in ((["--rslora"], "rslora True: the run was trained with rslora False"),
                          (["--layers", "0-1"], "layers 0-1: the run was trained with layers 1"),
-                         (["--lora-plus-ratio", "4"], "lora_plus_ratio 4.0: the run was trained with lora_plus_ratio None")):
+                         (["--lora-plus-ratio", "4"], "lora_plus_ratio 4.0: the run was trained with lora_plus_ratio None"),
+                         (["--variant", "dora"], "variant dora: the run was trained with variant lora"),
+                         (["--init", "olora"], "init olora: the run was trained with init default")):
         code, _, err = cli(*args, "--resume", "--max-steps", "3", *extra)
         assert code == 1 and named in err, err
+
+
+def test_what_0_2_wrote_as_dora_reads_as_the_dora_variant(four_blocks, tmp_path, cli):
+    """0.2 said `"dora": true` (adapter.json, run config, TOML) and `--dora`; each still means DoRA."""
+    ours = ours_with(four_blocks, LoRAConfig(targets=("qkv_projection",), r=4, variant="dora"), seed=3)
+    checkpoint.save_checkpoint(tmp_path / "adapter", ours, None, step=1)
+    meta_path = tmp_path / "adapter" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["lora"]["variant"], meta["lora"]["init"]
+    meta["lora"]["dora"] = True
+    meta_path.write_text(json.dumps(meta))
+    again, info = load_with_adapter(str(tmp_path / "adapter"))
+    assert info.lora.variant == "dora"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids()), ours(ids()), rtol=0, atol=0)
+    (tmp_path / "old.toml").write_text("[model]\ndora = true\n")
+    for args in (["--config", tmp_path / "old.toml"], ["--dora"]):
+        code, out, err = cli("train", *args, "--print-config")
+        assert code == 0 and 'variant = "dora"' in out and "dora = " not in out, err
 
 
 def test_what_peft_can_do_and_we_cannot_read_is_still_refused(four_blocks, tmp_path):
@@ -190,7 +214,7 @@ def test_what_peft_can_do_and_we_cannot_read_is_still_refused(four_blocks, tmp_p
 @pytest.mark.parametrize("targets", [ATTN_FFN, ("token_embedding", "qkv_projection"), ("lm_head",)],
                          ids=["attn-ffn", "embedding", "lm-head"])
 def test_dora_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_path, targets):
-    lora = LoRAConfig(targets=targets, r=4, alpha=8.0, dora=True)
+    lora = LoRAConfig(targets=targets, r=4, alpha=8.0, variant="dora")
     fresh = load_pretrained(four_blocks, lora=lora)
     with torch.no_grad():  # a fresh DoRA layer equals the frozen one (B = 0, magnitude = ||W||)
         torch.testing.assert_close(fresh(ids()), load_pretrained(four_blocks, targets=())(ids()), rtol=0, atol=1e-5)
@@ -202,7 +226,7 @@ def test_dora_equals_peft_in_logits_and_five_adamw_steps(four_blocks, tmp_path, 
                 p.copy_(layer.norm() * (1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))))
     theirs = as_peft(ours, four_blocks, tmp_path, 4)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
-    assert agrees_with_peft_and_reads_back(ours, theirs, four_blocks, tmp_path).lora.dora
+    assert agrees_with_peft_and_reads_back(ours, theirs, four_blocks, tmp_path).lora.variant == "dora"
 
 
 def test_merged_dora_is_a_plain_transformers_model_with_the_same_logits(four_blocks, tmp_path):
@@ -210,7 +234,7 @@ def test_merged_dora_is_a_plain_transformers_model_with_the_same_logits(four_blo
 
     from lora_gpt2.checkpoints.merged import write_merged
 
-    ours = ours_with(four_blocks, LoRAConfig(targets=ATTN_FFN + ("token_embedding",), r=4, alpha=8.0, dora=True),
+    ours = ours_with(four_blocks, LoRAConfig(targets=ATTN_FFN + ("token_embedding",), r=4, alpha=8.0, variant="dora"),
                      seed=17)
     with torch.no_grad():
         expected = ours(ids())
@@ -231,7 +255,7 @@ def test_variants_together_equal_peft_at_gpt2_small_shape(tmp_path):
 
     path = save_hf_model(make_hf_model(seed=2, n_layer=12, n_head=12, n_embd=768, n_positions=1024),
                          tmp_path / "gpt2-small")
-    lora = LoRAConfig(targets=ATTN_FFN, r=8, alpha=16.0, dora=True, rslora=True, layers="4")
+    lora = LoRAConfig(targets=ATTN_FFN, r=8, alpha=16.0, variant="dora", rslora=True, layers="4")
     ours = ours_with(path, lora, seed=19)
     theirs = as_peft(ours, path, tmp_path, 12)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

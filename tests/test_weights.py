@@ -8,6 +8,9 @@ import torch
 
 from lora_gpt2 import load_pretrained
 from lora_gpt2.errors import CheckpointError
+from lora_gpt2 import layout
+from lora_gpt2.config import LoRAConfig, ModelConfig
+from lora_gpt2.model.gpt2 import GPT2
 
 from helpers import make_hf_model
 
@@ -161,3 +164,45 @@ def test_offline_hub_error_from_a_fresh_process_is_one_line(tmp_path):
         "lora-gpt2: error: model 'gpt2' is not in the Hugging Face cache and the Hub cannot be reached "
         "(HF_HUB_OFFLINE is set); pass a local directory holding config.json and model.safetensors "
         "with --model PATH"]
+
+
+def test_every_name_table_is_derived_from_one_layout():
+    from lora_gpt2.checkpoints import peft as peft_io, hf as weights
+    from lora_gpt2.config import resolve_targets
+
+    # --targets accepts exactly the table's modules, in model order ("all" is every one of them)
+    assert resolve_targets("all") == layout.TARGETS == ("token_embedding", "position_embedding", "qkv_projection",
+                                                        "output_projection", "linear_in", "linear_out", "lm_head")
+    assert resolve_targets("lm_head,attn") == ("qkv_projection", "output_projection", "lm_head")
+    peft_names = peft_io.our_to_peft_names(2)
+    assert peft_names["blocks.1.ffn.linear_out.lora_b"] == "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight"
+    assert peft_names["token_embedding.lora_a"] == "base_model.model.transformer.wte.lora_embedding_A"
+    assert peft_io.peft_config(LoRAConfig(targets=("all",)), None, 2)["target_modules"] == [
+        "wte", "wpe", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"]
+    assert weights.is_transposed("h.3.mlp.c_proj.weight") and not weights.is_transposed("h.3.ln_2.weight")
+
+
+def test_key_map_names_exactly_the_tensors_transformers_saves(tmp_path):
+    """Every tensor of a 12-layer HF checkpoint (bar the tied lm_head) is in the map, and nothing else."""
+    from lora_gpt2.checkpoints.hf import hf_key_map
+
+    hf = make_hf_model(n_layer=12, n_embd=16, n_head=2, vocab_size=64)
+    saved = {k.removeprefix("transformer.") for k in hf.state_dict() if not k.endswith((".attn.bias", ".masked_bias"))}
+    saved.discard("lm_head.weight")
+    keys = hf_key_map(12)
+    assert set(keys.values()) == saved
+    ours = {n for n, _ in GPT2(ModelConfig(n_layer=12, n_embd=16, n_head=2, vocab_size=64),
+                               LoRAConfig(targets=())).named_parameters()}
+    assert set(keys) == ours  # and every frozen tensor of ours has its HF key
+
+
+def test_the_base_model_is_declared_and_merge_needs_no_second_lookup(tiny_checkpoint, tmp_path, monkeypatch):
+    from lora_gpt2.checkpoints import hub
+    from lora_gpt2.checkpoints.merged import write_merged
+
+    model = load_pretrained(tiny_checkpoint[0], targets=("qkv_projection",))
+    assert model.base.source == tiny_checkpoint[0] and len(model.base.fingerprint) == 16
+    assert model.base.hf_config["n_layer"] == 2
+    monkeypatch.setattr(hub, "resolve_checkpoint", lambda *a: pytest.fail("merge resolved the base again"))
+    write_merged(model, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["n_embd"] == 32

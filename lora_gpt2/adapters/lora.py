@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
+from ..errors import CheckpointError
 
 
 def _check_size(name: str, value: int) -> None:
@@ -46,6 +47,7 @@ class AdapterLayer:
 
     merged: bool
     active: bool  # False: behave as the frozen layer (see GPT2.lora_disabled)
+    residual = False  # True: `start` changes the frozen weight (a residual init: residual.py)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors, by local name ("lora_a", ...): what is trained and saved."""
@@ -74,6 +76,17 @@ class AdapterLayer:
     def fast_params(self) -> tuple[str, ...]:
         """Local names of the tensors LoRA+ trains at its larger learning rate (none by default)."""
         return ()
+
+    def saved_params(self) -> dict[str, torch.Tensor]:
+        """What an adapter folder holds for this layer, by local name (the trained tensors by default)."""
+        return dict(self.adapter_params())
+
+    @torch.no_grad()
+    def start(self, saved: dict[str, torch.Tensor] | None = None) -> None:
+        """Begin, once the frozen weight is real: afresh (None), or from what `saved_params` wrote."""
+        if saved is not None:
+            for local, param in self.adapter_params().items():
+                param.copy_(saved[local])
 
     def materialize(self, device: str | torch.device) -> None:
         """Real, freshly initialised float32 adapter tensors for a layer built on the meta device."""
@@ -270,6 +283,35 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         prefix = f"{module_name}." if module_name else ""
         params.update({prefix + local: p for local, p in layer.adapter_params().items()})
     return params
+
+
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter folder holds: each layer's `saved_params`, by full name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, layer in adapter_layers(model).items():
+        prefix = f"{module_name}." if module_name else ""
+        tensors.update({prefix + local: t for local, t in layer.saved_params().items()})
+    return tensors
+
+
+def start_adapters(model: nn.Module, saved: dict[str, torch.Tensor] | None = None, source: str = "adapter") -> None:
+    """Begin every adapter layer afresh, or from `saved` (as `saved_tensors` names them): the same
+    names and shapes, all of them, or CheckpointError naming the first that differs."""
+    layers = adapter_layers(model)
+    if saved is not None:
+        expected = {k: tuple(t.shape) for k, t in saved_tensors(model).items()}
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        if missing or extra:
+            what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+            raise CheckpointError(f"{source}: {what}")
+        for name, shape in expected.items():
+            if tuple(saved[name].shape) != shape:
+                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(saved[name].shape)}, "
+                                      f"expected {shape}")
+    for module_name, layer in layers.items():
+        prefix = f"{module_name}." if module_name else ""
+        mine = None if saved is None else {local: saved[prefix + local] for local in layer.saved_params()}
+        layer.start(mine)
 
 
 def fast_parameters(model: nn.Module) -> set[int]:

@@ -26,9 +26,11 @@ import torch
 
 from .. import __version__
 from ..atomic import TMP_MARK, atomic_open, fsync_dir, write_bytes, write_text
-from ..config import LoRAConfig
+from ..config import LoRAConfig, ModelConfig
 from ..errors import CheckpointError, WriteError
-from ..adapters.lora import lora_parameters
+from ..runs import CHECKPOINTS
+from ..adapters import variants
+from ..adapters.lora import saved_tensors, start_adapters
 from ..model.gpt2 import GPT2
 
 ADAPTER_FORMAT = "lora-gpt2-adapter"
@@ -37,10 +39,10 @@ ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 STATE_FILE = "state.pt"
 PREVIOUS = ".prev-"
-CHECKPOINT_NAMES = ("best", "last")  # what a run folder holds, in the order a reader prefers
 READ_ATTEMPTS = 6  # a reader that meets a swap in progress reads again (a swap takes milliseconds)
 # adapter.json "eval" settings -> their type (what `lora-gpt2 eval` reproduces the run's numbers with)
 EVAL_SETTINGS = {"data": str, "block_size": int, "batch_size": int, "eval_batches": int, "data_kind": str,
+                 "data_sha256": str,
                  "mask_prompt": bool, "text_column": str, "prompt_column": str, "completion_column": str}
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
@@ -77,7 +79,7 @@ def adapter_meta(model: GPT2, **extra: Any) -> dict[str, Any]:
         "base_model": base.source if base else None,
         "base_fingerprint": base.fingerprint if base else None,
         "base_config": asdict(model.config),
-        "lora": model.lora_config.to_dict(),
+        "lora": variants.saved_config(model.lora_config).to_dict(),
         "tokenizer": "gpt2",
         **extra,
     }
@@ -86,7 +88,7 @@ def adapter_meta(model: GPT2, **extra: Any) -> dict[str, Any]:
 def _adapter_bytes(model: GPT2) -> bytes:
     from safetensors.torch import save
 
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_parameters(model).items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in saved_tensors(model).items()}
     return save(tensors, metadata={"format": ADAPTER_FORMAT, "format_version": str(FORMAT_VERSION)})
 
 
@@ -113,9 +115,11 @@ def save_checkpoint(directory: Path, model: GPT2, state: dict | None = None, **e
         _swap_in(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
-            raise WriteError(f"cannot write checkpoint {directory}: {exc.strerror or exc}; "
-                             "the previous checkpoint is intact") from None
+        if isinstance(exc, OSError):  # the temporary files are internal: name the checkpoint
+            reason = exc.reason if isinstance(exc, WriteError) else str(exc.strerror or exc)
+            before = ("the previous one is intact" if directory.exists() else
+                      "no earlier one exists")
+            raise WriteError(f"cannot write checkpoint {directory}: {reason}; {before}", reason) from None
         raise
 
 
@@ -163,9 +167,10 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
     if not isinstance(lora, dict):
         raise CheckpointError(f"{meta_path}: lora must be an object with targets and r, got {lora!r}")
     try:
-        cfg = LoRAConfig(targets=tuple(lora["targets"]), r=lora["r"], alpha=lora.get("alpha"),
-                         dropout=lora.get("dropout", 0.0), rslora=lora.get("rslora", False),
-                         layers=lora.get("layers"), dora=lora.get("dora", False))
+        cfg = LoRAConfig.from_dict(variants.upgrade(lora))
+        variants.check(cfg)
+        if cfg.init != "default":  # writers save every init converted (variants.saved_config)
+            raise ValueError(f"init {cfg.init!r} is a training-time start, never saved")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path} has invalid LoRA settings ({exc})") from None
     settings = meta.get("eval")
@@ -180,9 +185,9 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
 
 def _candidates(path: Path):
     yield path
-    if path.name in CHECKPOINT_NAMES:  # a checkpoint folder mid-swap: its previous version
+    if path.name in CHECKPOINTS:  # a checkpoint folder mid-swap: its previous version
         yield path.with_name(PREVIOUS + path.name)
-    for name in CHECKPOINT_NAMES:  # a run folder
+    for name in CHECKPOINTS:  # a run folder
         yield path / name
         yield path / (PREVIOUS + name)
 
@@ -247,7 +252,36 @@ def _read_once(path: str | Path) -> Checkpoint:
     expected_sha = info.meta.get("adapter_sha256")
     if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
         raise _Torn(CheckpointError(f"{file} does not match the sha256 in {META_FILE} (corrupted or truncated)"))
-    return Checkpoint(info, _tensors_from_bytes(data, file))
+    tensors = _tensors_from_bytes(data, file)
+    _check_tensors_fit(info, tensors, file)
+    return Checkpoint(info, tensors)
+
+
+def _check_tensors_fit(info: AdapterInfo, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """What adapter.json states (rank, targets, blocks, variant) must be what the tensors are,
+    or every reader would build one adapter and fill it from another."""
+    try:
+        config = ModelConfig(**{k: v for k, v in (info.meta.get("base_config") or {}).items()
+                                if k in ModelConfig.__dataclass_fields__})
+    except (TypeError, ValueError):
+        return  # no usable base_config: the tensors are checked when they are applied to a model
+    with torch.device("meta"):
+        try:
+            expected = {k: tuple(t.shape) for k, t in saved_tensors(GPT2(config, info.lora)).items()}
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: adapter.json's LoRA settings do not fit its base model ({exc})") from None
+    lora = info.lora
+    says = f"adapter.json says r={lora.r}, targets {','.join(lora.targets)}, variant {lora.variant}"
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{file}: {says}, but it has no tensor {missing[0]}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{file}: {says}, but it holds tensor {extra[0]}, which that has no place for")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{file}: {says}, but tensor {name} is {tuple(tensors[name].shape)} where that "
+                                  f"needs {shape}")
 
 
 def _tensors_from_bytes(data: bytes, file: Path) -> dict[str, torch.Tensor]:
@@ -261,25 +295,8 @@ def _tensors_from_bytes(data: bytes, file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_tensors(model: GPT2, checkpoint: Checkpoint) -> None:
-    """Copy a checkpoint's tensors into the model's adapter parameters, strictly."""
-    copy_lora_tensors(model, checkpoint.tensors, str(checkpoint.path / ADAPTER_FILE))
-
-
-def copy_lora_tensors(model: GPT2, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into the model's adapter parameters: the same names, the same shapes, all of them."""
-    params = lora_parameters(model)
-    missing = sorted(set(params) - set(tensors))
-    extra = sorted(set(tensors) - set(params))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise CheckpointError(f"{source}: {what}")
-    for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
-            )
-        with torch.no_grad():
-            param.copy_(tensors[name])
+    """Start the model's adapter layers from a checkpoint's tensors, strictly (adapters.start_adapters)."""
+    start_adapters(model, checkpoint.tensors, str(checkpoint.path / ADAPTER_FILE))
 
 
 def load_state(directory: Path) -> dict:

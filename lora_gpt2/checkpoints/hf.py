@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import layout
 from ..config import ACTIVATIONS, LoRAConfig, ModelConfig
+from ..adapters.lora import start_adapters
 from ..errors import CheckpointError
 from .hub import WEIGHT_FILES, resolve_checkpoint
 from ..model.gpt2 import GPT2, BaseModel
@@ -229,8 +230,11 @@ def load_pretrained(
     lora: LoRAConfig | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    adapter: dict[str, torch.Tensor] | None = None,
+    adapter_source: str = "adapter",
 ) -> GPT2:
-    """GPT-2 with Hugging Face weights (Hub id or local directory) and fresh LoRA layers.
+    """GPT-2 with Hugging Face weights (Hub id or local directory) and LoRA layers started
+    afresh, or from `adapter` (tensors as an adapter folder holds them, see start_adapters).
 
     The LoRA settings come from `lora`, or else from `targets` / `r` / `alpha` / `dropout`.
     The returned model declares where its weights came from in `model.base`.
@@ -244,5 +248,6 @@ def load_pretrained(
     fingerprint = load_into(model, directory, dtype, device)
     for layer in model.lora_layers().values():
         layer.materialize(device)
+    start_adapters(model, adapter, adapter_source)
     model.base = BaseModel(str(name_or_path), directory, fingerprint, raw)
     return model

@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..model.gpt2 import GPT2
 from ..tokenizer import ASSETS
 from .hf import LM_HEAD, hf_key_map, is_transposed
+from .outputs import WRITTEN_BY
 
 
 def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
@@ -53,7 +54,7 @@ def write_merged(model: GPT2, out_dir: Path) -> Path:
     config = dict(model.base.hf_config)
     config["tie_word_embeddings"] = tied
     config["architectures"] = ["GPT2LMHeadModel"]
-    write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt"}))
+    write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt", **WRITTEN_BY}))
     write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     # the tokenizer under the names transformers looks for, so the folder is complete
     shutil.copyfile(ASSETS / "encoder.json", out_dir / "vocab.json")

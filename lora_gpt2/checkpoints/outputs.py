@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .adapter_dir import CHECKPOINT_NAMES, META_FILE, PREVIOUS
+from ..runs import CHECKPOINTS
+from .adapter_dir import META_FILE, PREVIOUS
 
 MERGED_FILES = frozenset({"config.json", "model.safetensors", "vocab.json", "merges.txt"})
 PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+# what `merge` and `export` write into their weights file's safetensors metadata: an earlier
+# output is recognised by this, not by file names another tool uses too
+WRITTEN_BY = {"written_by": "lora-gpt2"}
+_WEIGHTS = {MERGED_FILES: "model.safetensors", PEFT_FILES: "adapter_model.safetensors"}
+
+
+def _written_here(weights: Path) -> bool:
+    """Whether a safetensors file carries WRITTEN_BY (its header is read, not its tensors)."""
+    try:
+        with open(weights, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 26:
+                return False
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in WRITTEN_BY.items())
 
 
 def _holds_run(path: Path) -> bool:
@@ -15,7 +35,7 @@ def _holds_run(path: Path) -> bool:
     if (path / META_FILE).is_file():
         return True
     return any((path / name / META_FILE).is_file() or (path / f"{PREVIOUS}{name}").exists()
-               for name in CHECKPOINT_NAMES)
+               for name in CHECKPOINTS)
 
 
 def check_output_dir(out: Path, produces: frozenset[str], force: bool) -> None:
@@ -33,7 +53,10 @@ def check_output_dir(out: Path, produces: frozenset[str], force: bool) -> None:
                              "writing there would damage it: choose a folder outside it")
     if not out.is_dir() or force:
         return
-    others = sorted(p.name for p in out.iterdir() if p.name not in produces)
+    names = sorted(p.name for p in out.iterdir())
+    others = [name for name in names if name not in produces]
+    if not others and names and not _written_here(out / _WEIGHTS[produces]):
+        others = names  # the same file names, written by another tool (or by hand)
     if others:
         raise ValueError(f"output {out} is not empty and holds {others[0]!r}, which this command did not write; "
                          "choose an empty folder, or pass --force to write into it anyway")

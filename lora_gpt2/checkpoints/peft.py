@@ -15,25 +15,25 @@ from typing import Any
 import torch
 
 from .. import layout
+from ..adapters import variants
 from ..atomic import write_bytes, write_text
 from ..config import LoRAConfig
 from ..errors import CheckpointError
+from .outputs import WRITTEN_BY
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 
-# (layer kind, our adapter tensor name) -> PEFT's tensor suffix. An adapter tensor with no row
-# here has no PEFT equivalent and is refused by name, never written wrong.
-TENSOR_SUFFIXES = {
-    ("embedding", "lora_a"): "lora_embedding_A",
-    ("embedding", "lora_b"): "lora_embedding_B",
-    ("linear", "lora_a"): "lora_A.weight",
-    ("linear", "lora_b"): "lora_B.weight",
-    ("embedding", "magnitude"): "lora_magnitude_vector",  # DoRA
-    ("linear", "magnitude"): "lora_magnitude_vector",
-}
+# (layer kind, our adapter tensor name) -> PEFT's tensor suffix, from the variants' table. An
+# adapter tensor with no row there has no PEFT equivalent and is refused by name, never written wrong.
+TENSOR_SUFFIXES = variants.TENSOR_SUFFIXES
+# PEFT's suffix -> our local name (a suffix means one local name whatever the layer kind), with
+# the ".default" adapter name older PEFT versions wrote into A and B
+LOCAL_NAMES = {suffix: local for (_, local), suffix in TENSOR_SUFFIXES.items()}
+LOCAL_NAMES.update({suffix.replace(".weight", ".default.weight"): local for suffix, local in list(LOCAL_NAMES.items())
+                    if suffix.endswith(".weight")})
 # adapter_config.json fields that change the arithmetic: refused by name unless at this value
 UNSUPPORTED = {
     "use_qalora": (False, None),
@@ -89,8 +89,7 @@ def peft_config(lora: LoRAConfig, base_model: str | None, n_layer: int) -> dict[
         "fan_in_fan_out": any(layout.BY_TARGET[t].kind == "conv1d" for t in lora.targets),
         "bias": "none",
         "inference_mode": True,
-        "init_lora_weights": True,
-        "use_dora": lora.dora,
+        **variants.peft_keys(lora),
         "use_rslora": lora.rslora,
         # PEFT applies this to every target with a block number (not wte, wpe, lm_head), as we do
         "layers_to_transform": None if lora.layers is None else list(lora.blocks(n_layer)),
@@ -110,7 +109,7 @@ def export_peft(tensors: dict[str, torch.Tensor], lora: LoRAConfig, n_layer: int
         raise CheckpointError(f"adapter tensor {unknown[0]!r} has no PEFT equivalent; refusing to write a wrong file")
     converted = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes(out_dir / WEIGHTS_FILE, save(converted, metadata={"format": "pt"}))
+    write_bytes(out_dir / WEIGHTS_FILE, save(converted, metadata={"format": "pt", **WRITTEN_BY}))
     write_text(out_dir / CONFIG_FILE, json.dumps(peft_config(lora, base_model, n_layer), indent=2) + "\n")
 
 
@@ -131,9 +130,8 @@ def read_peft(directory: Path):
     tensors = _read_tensors(directory)
     ours: dict[str, torch.Tensor] = {}
     base_layers: dict[str, torch.Tensor] = {}
-    pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
-                         r"lora_embedding_A|lora_embedding_B|lora_A\.default\.weight|lora_B\.default\.weight|"
-                         r"lora_magnitude_vector)$")
+    suffixes = "|".join(re.escape(suffix) for suffix in sorted(LOCAL_NAMES, key=len, reverse=True))
+    pattern = re.compile(rf"^(?:base_model\.model\.)?(.+?)\.({suffixes})$")
     reverse = {m.hf: m.ours for m in layout.MODULES if m.target}
     for key, tensor in tensors.items():
         if key.endswith(".base_layer.weight"):
@@ -148,17 +146,14 @@ def read_peft(directory: Path):
             raise CheckpointError(f"{directory / WEIGHTS_FILE}: module {module!r} has no lora-gpt2 equivalent")
         block = re.search(r"\.h\.(\d+)\.", module)
         name = reverse[generic].format(i=block.group(1) if block else "")
-        if part == "lora_magnitude_vector":
-            local = "magnitude"
-        else:
-            local = "lora_a" if part.startswith(("lora_A", "lora_embedding_A")) else "lora_b"
-        ours[f"{name}.{local}"] = tensor
+        ours[f"{name}.{LOCAL_NAMES[part]}"] = tensor
     targets = sorted({name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name in ours})  # "<module>.<local>"
     try:
+        variant, init = variants.from_peft(raw)
         lora = LoRAConfig(targets=tuple(targets), r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
                           dropout=float(raw.get("lora_dropout") or 0.0), rslora=bool(raw.get("use_rslora") or False),
                           layers=_layers_spec(raw.get("layers_to_transform"), config_path),
-                          dora=bool(raw.get("use_dora") or False))
+                          variant=variant, init=init)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: invalid LoRA settings ({exc})") from None
     return lora, ours, raw.get("base_model_name_or_path"), base_layers

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import adapter_dir, peft
+from ..adapters.lora import start_adapters
 from ..config import LoRAConfig
 from ..devices import pick_device, resolve_dtype
 from ..errors import CheckpointError
@@ -48,7 +49,7 @@ def read_adapter(path: str | Path) -> Adapter:
 def apply_adapter(model: GPT2, adapter: Adapter) -> None:
     """Copy the adapter's tensors into `model` (built with the adapter's LoRA settings)."""
     source = str(adapter.path / (adapter_dir.ADAPTER_FILE if adapter.kind == "lora-gpt2" else peft.WEIGHTS_FILE))
-    adapter_dir.copy_lora_tensors(model, adapter.tensors, source)
+    start_adapters(model, adapter.tensors, source)
     check_base_layers(model, adapter)
 
 

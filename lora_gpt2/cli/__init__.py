@@ -16,7 +16,7 @@ from .. import __version__
 from . import data_cmd, serve_cmd, train_cmd, use_cmd  # noqa: F401  (they register their commands)
 from .app import app
 from .output import error_line
-from .signals import ExitOnSignals, Terminated
+from .signals import ExitOnSignals, StoppedAtOnce, Terminated
 
 
 def _version(value: bool) -> None:
@@ -69,20 +69,19 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _spell_resume_auto(args: list[str]) -> list[str]:
-    """`train --resume auto` (an optional value, which typer cannot declare) -> `--resume-auto`."""
-    out: list[str] = []
-    for arg in args:
-        if arg == "auto" and out and out[-1] == "--resume":
-            out[-1] = "--resume-auto"
-        else:
-            out.append("--resume-auto" if arg == "--resume=auto" else arg)
+def _spell_resume(args: list[str]) -> list[str]:
+    """`train --resume` alone (last, or before another option) means `--resume yes`: an optional
+    value, which typer cannot declare. Any other word after it is its value, checked by typer."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--resume=yes"
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
-    args = _spell_resume_auto(sys.argv[1:] if argv is None else list(argv))
+    args = _spell_resume(sys.argv[1:] if argv is None else list(argv))
     try:
         with ExitOnSignals():
             code = command.main(args=args, prog_name="lora-gpt2", standalone_mode=False)
@@ -99,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(error_line(_with_value(exc.format_message(), argv)), file=sys.stderr)
             code = 1
+    except StoppedAtOnce:
+        print(error_line("stopped at once by a second Ctrl-C, without saving this step; the last checkpoint "
+                         "is intact (continue with --resume)"), file=sys.stderr)
+        code = 130
     except (typer.Abort, KeyboardInterrupt):
         print(error_line("interrupted"), file=sys.stderr)
         code = 130

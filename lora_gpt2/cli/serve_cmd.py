@@ -20,6 +20,10 @@ SERVE_HINT = "pip install 'lora-gpt2[serve]'"
 
 def _named(specs: list[str], folder: Optional[Path]) -> dict[str, str]:
     """NAME=PATH pairs, and every adapter folder inside `folder` named after itself."""
+    from ..checkpoints.adapter_dir import META_FILE
+    from ..checkpoints.peft import CONFIG_FILE as PEFT_CONFIG
+    from ..runs import RunFolder
+
     named: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -32,7 +36,7 @@ def _named(specs: list[str], folder: Optional[Path]) -> dict[str, str]:
         if not folder.is_dir():
             raise ValueError(f"--adapters {folder} is not a folder")
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if any((sub / f).exists() for f in ("adapter.json", "best", "last", "adapter_config.json")):
+            if RunFolder(sub).holds_checkpoints() or any((sub / f).exists() for f in (META_FILE, PEFT_CONFIG)):
                 if sub.name in named:
                     raise ValueError(f"adapter name {sub.name!r} is given twice (--adapter and --adapters)")
                 named[sub.name] = str(sub)
@@ -97,11 +101,12 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
 
     from ..serve.app import ServeSettings, create_app
     from ..serve.engine import Engine
+    from ..serve.protocol import server_config
 
     engine = Engine(bank, max_batch)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings(base_name, api_key)), host=host,
-                                           port=port, log_level="warning"))
+    settings = ServeSettings(base_name, api_key)
+    server = uvicorn.Server(server_config(create_app(engine, settings), host, port, settings.body_timeout_s))
     failed: list[BaseException] = []
 
     def http() -> None:  # uvicorn on its own thread; decoding stays on this one, which loaded the model

@@ -25,6 +25,11 @@ class Terminated(BaseException):
         self.exit_code = SIGNAL_EXIT[name]
 
 
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C while `train` finished its step: it stops now, without saving that step.
+    Not a KeyboardInterrupt, which typer turns into a silent exit 130 before `main` could say so."""
+
+
 class _Handlers:
     SIGNALS: tuple[str, ...] = ()
 
@@ -76,7 +81,7 @@ class StopOnSignals(_Handlers):
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.reason is not None and name == "SIGINT":
-            raise KeyboardInterrupt
+            raise StoppedAtOnce
         if self.reason is None:
             self.reason = name
             say(f"\n{name}: saving a checkpoint after this step"

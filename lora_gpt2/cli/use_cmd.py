@@ -46,7 +46,14 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
         except UnicodeDecodeError:
             raise ValueError(f"prompt file {prompt_file} is not UTF-8 text") from None
     if prompt is None and not sys.stdin.isatty():
-        return sys.stdin.read()
+        if not hasattr(sys.stdin, "buffer"):  # a text stream handed in (tests, embedding)
+            return sys.stdin.read()
+        raw = sys.stdin.buffer.read()  # bytes: the terminal's locale does not decide what is valid
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the prompt read from stdin is not UTF-8 text (invalid byte at offset {exc.start})"
+                             ) from None
     return prompt or ""
 
 

@@ -9,7 +9,9 @@ only examples. Errors name the file, the line and the key.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
+import os
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -41,6 +43,13 @@ class Options:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
+    def tag(self) -> str:
+        """'' for the default reading, else a short name of these columns: the prepared files of
+        one CSV read by other columns have other names, so two choices never share a file."""
+        if not self.to_dict():
+            return ""
+        return "cols-" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10] + "."
+
 
 @dataclass(frozen=True)
 class Source:
@@ -65,11 +74,13 @@ class Source:
         """The content of every file (and its place), so any edit means preparing again; for a
         single file, the sha256 of its bytes."""
         if self.path.is_file():
-            return _file_sha256(self.path)
+            with readable(self.path):
+                return _file_sha256(self.path)
         digest = hashlib.sha256()
         for f in sorted(self.all_files()):
-            digest.update(str(f.relative_to(self.path) if self.path.is_dir() else f.name).encode() + b"\0")
-            with open(f, "rb") as fh:
+            # the name's bytes: a name that is not UTF-8 is still a name
+            digest.update(os.fsencode(f.relative_to(self.path) if self.path.is_dir() else f.name) + b"\0")
+            with readable(f), open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
             digest.update(b"\0")
@@ -77,10 +88,25 @@ class Source:
 
     def examples(self, part: str) -> Iterator[Example]:
         for f in self.files[part]:
-            yield from self.kind.read(f, self.options)
+            with readable(f):
+                yield from self.kind.read(f, self.options)
 
     def count(self, part: str) -> int:
-        return sum(self.kind.count(f, self.options) for f in self.files[part])
+        total = 0
+        for f in self.files[part]:
+            with readable(f):
+                total += self.kind.count(f, self.options)
+        return total
+
+
+@contextlib.contextmanager
+def readable(path: Path) -> Iterator[None]:
+    """A file that cannot be read (permissions, I/O) named, with the reason in words."""
+    try:
+        yield
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise DataError(f"{exc.filename or path} cannot be read ({reason})") from None
 
 
 def _file_sha256(path: Path) -> str:
@@ -113,6 +139,9 @@ class Kind:
 
 
 def decode_utf8(raw: bytes, where: str, offset: int = 0) -> str:
+    """UTF-8 text, without the byte order mark a file may start with (Excel writes one)."""
+    if offset == 0 and raw.startswith(codecs.BOM_UTF8):
+        raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise DataError(f"{where} looks binary (it holds NUL bytes, the first at offset {offset + nul}), "
@@ -166,11 +195,7 @@ class _Lines(Kind):
                     continue
                 line = decode_utf8(raw, str(path), offset).strip(" \t\r\n")
                 offset += len(raw)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                yield self.example(record, where)
+                yield self.example(_json_line(line, where), where)
 
     def example(self, record, where: str) -> Example:
         if not isinstance(record, dict):
@@ -190,6 +215,18 @@ class _Lines(Kind):
                 raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
             values.append(value)
         return _example(values, self.keys, where)
+
+
+def _json_line(line: str, where: str):
+    """One JSONL line's value, or one line naming the file, the line and what is wrong."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:  # valid JSON nested deeper than Python's parser goes
+        raise DataError(f"{where}: nested too deeply to read") from None
+    except ValueError as exc:  # an integer beyond Python's int-string limit
+        raise DataError(f"{where}: holds a number too long to read ({' '.join(str(exc).split())[:100]})") from None
 
 
 def _example(values: list[str], keys: tuple[str, ...], where: str) -> Example:
@@ -217,8 +254,10 @@ class _Csv(Kind):
 
     def read(self, path: Path, options: Options) -> Iterator[Example]:
         wanted = self.columns(options)
+        # a long document in one cell is a cell: lift the csv module's 131,072-character limit
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
         try:
-            with open(path, encoding="utf-8", newline="") as f:  # streamed: a row at a time
+            with open(path, encoding="utf-8-sig", newline="") as f:  # streamed; a BOM (Excel's) is not data
                 yield from self._rows(path, csv.reader(f), wanted)
         except UnicodeDecodeError:
             raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {_bad_utf8_offset(path)})") from None
@@ -274,15 +313,12 @@ class CsvPromptCompletion(_Csv):
 
 def _jsonl_kind(path: Path) -> _Lines:
     """The kind the first non-empty line sets."""
-    with open(path, "rb") as f:
+    with readable(path), open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line:
                 continue
-            try:
-                record = json.loads(decode_utf8(line, str(path)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            record = _json_line(decode_utf8(line, str(path)), f"{path} line {number}")
             if isinstance(record, dict):
                 for kind in reversed(JSONL_KINDS):  # prompt/completion first: it may also hold "text"
                     if all(k in record for k in kind.keys):
@@ -299,8 +335,8 @@ def _csv_kind(path: Path, options: Options) -> _Csv:
         return CsvPromptCompletion()
     if options.text_column:
         return CsvText()
-    with open(path, "rb") as f:
-        first = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(f.readline())
+    with readable(path), open(path, "rb") as f:
+        first = codecs.getincrementaldecoder("utf-8-sig")(errors="replace").decode(f.readline())
     header = next(csv.reader([first]), [])
     return CsvPromptCompletion() if "prompt" in header and "completion" in header else CsvText()
 
@@ -333,7 +369,7 @@ def resolve(data: str | Path, options: Options = Options()) -> Source:
 
 def _file_source(path: Path, options: Options) -> Source:
     suffix = path.suffix.lower()
-    prefix = "" if path.name == "input.txt" else f"{path.stem}."
+    prefix = ("" if path.name == "input.txt" else f"{path.stem}.") + (options.tag() if suffix == ".csv" else "")
     if suffix == ".jsonl":
         kind: Kind = _jsonl_kind(path)
     elif suffix == ".csv":

@@ -329,9 +329,31 @@ def current(source: Source, folder: Path, digest: str) -> Prepared | None:
     return Prepared(source, meta, info)
 
 
+@contextlib.contextmanager
+def _preparing_in(folder: Path) -> Iterator[None]:
+    """One preparation at a time in `folder`, across processes: an flock on the folder itself, so
+    that a second process waits and then finds the files made (no lock file is left behind)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here (or the folder cannot be opened): names still differ
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def ensure_prepared(data: str | Path, options: Options = Options(), progress: Progress | None = None) -> Prepared:
     """Prepare `data` on first use, and again whenever it changed: beside it, or in the cache
-    when its folder is read-only."""
+    when its folder is read-only.
+
+    Files are named by what decides them besides the content (the CSV columns, see
+    `Options.tag`) and meta.json records the content's sha256, kind and options; preparing and
+    checking happen under the folder's lock, so processes starting together each read files
+    identical to a clean preparation of their own choice."""
     source = resolve(data, options)
     digest = source.sha256()
     cache = cache_folder(source, digest)
@@ -339,11 +361,18 @@ def ensure_prepared(data: str | Path, options: Options = Options(), progress: Pr
         found = current(source, folder, digest)
         if found is not None:
             return check_prepared(found)
-    if _writable(source.folder):
-        return prepare(source, digest=digest, progress=progress)
+    writable = _writable(source.folder)
+    folder = source.folder if writable else cache
     try:
-        return prepare(source, folder=cache, digest=digest, progress=progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _preparing_in(folder):
+            found = current(source, folder, digest)  # made while this process waited
+            if found is not None:
+                return check_prepared(found)
+            return prepare(source, folder=folder, digest=digest, progress=progress)
     except OSError as exc:
+        if writable:
+            raise
         raise DataError(f"{source.folder} is read-only and the cache cannot take the token files either "
                         f"({exc}); set {CACHE_ENV} to a writable folder") from None
 

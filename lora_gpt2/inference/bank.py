@@ -6,8 +6,7 @@ columns of B add nothing, exactly), with row 0 of each stack the base model's ze
 forward under `bank.rows([...])` then gathers each row's A and B and adds its low-rank product,
 as Punica and S-LoRA do: one batched forward serves requests for different adapters.
 
-DoRA adapters are refused: their magnitude rescales whole outputs, which is not an update
-that can be added per row.
+A variant whose update is not added per row (variants.py: `unbatchable`, e.g. DoRA) is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from ..adapters import lora
+from ..adapters import lora, variants
 from ..checkpoints.reading import Adapter, check_base_layers
 from ..config import LoRAConfig
 from ..errors import CheckpointError
@@ -94,23 +93,24 @@ class AdapterBank:
         where = source or name
         if name in self.names:
             raise ValueError(f"adapter name {name!r} is given twice")
-        if config.dora:
-            raise CheckpointError(f"{where} is a DoRA adapter: its magnitude rescales whole outputs, so it "
-                                  "cannot share a batch unmerged; merge it into its own model instead")
-        with torch.device("meta"):  # the tensors this adapter must have, by name and shape
-            expected = {k: tuple(p.shape) for k, p in lora.lora_parameters(GPT2(self.model.config, config)).items()}
+        row = variants.variant(config.variant)
+        if row.unbatchable:
+            raise CheckpointError(f"{where} is a {row.name} adapter: {row.unbatchable}")
+        with torch.device("meta"):  # the layers this adapter has: what tensors each holds, of what shape
+            layers = lora.adapter_layers(GPT2(self.model.config, config))
+        expected = {f"{path}.{local}": tuple(t.shape) for path, layer in layers.items()
+                    for local, t in layer.saved_params().items()}
         got = {k: tuple(t.shape) for k, t in tensors.items()}
         if got != expected:
             wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
             raise CheckpointError(f"{where} does not fit {self.model.base.source if self.model.base else 'the model'}"
                                   f": tensor {wrong[0]} is missing, unexpected or of another shape")
         modules = dict(self.model.named_modules())
-        targeted = {key.rsplit(".", 1)[0] for key in tensors}
-        for path in sorted(targeted | set(self.stacks)):
+        for path in sorted(set(layers) | set(self.stacks)):
             if path not in self.stacks:
                 self._stack_for(path, modules[path])
-            if path in targeted:
-                a, b = (tensors[f"{path}.lora_{x}"].to(self._device, self._dtype) for x in "ab")
+            if path in layers:  # a batchable variant saves its update as lora_a, lora_b alone
+                a, b = (tensors[f"{path}.{local}"].to(self._device, self._dtype) for local in ("lora_a", "lora_b"))
                 self.stacks[path].grow(a, b, config.scaling)
             else:
                 self.stacks[path].grow(None, None, 0.0)

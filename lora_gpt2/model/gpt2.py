@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters import dora, lora
+from ..adapters import lora, variants
 from ..config import ACTIVATIONS, LoRAConfig, ModelConfig
 from .loss import fused_lm_head_loss
 
@@ -32,17 +32,15 @@ def _check_rank(name: str, rows: int, cols: int, cfg: LoRAConfig) -> None:
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, cfg: LoRAConfig, adapted: bool = True) -> nn.Module:
     if name in cfg.targets and adapted:
-        _check_rank(name, n_out, n_in, cfg)
-        cls = dora.DoRALinear if cfg.dora else lora.Linear
-        return cls(n_in, n_out, bias, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+        _check_rank(name, n_out, n_in, variants.saved_config(cfg))  # what it is saved as must fit too
+        return variants.linear(cfg, n_in, n_out, bias)
     return lora.FrozenLinear(n_in, n_out, bias)
 
 
 def _embedding(name: str, num: int, dim: int, cfg: LoRAConfig) -> nn.Module:
     if name in cfg.targets:
         _check_rank(name, num, dim, cfg)
-        cls = dora.DoRAEmbedding if cfg.dora else lora.Embedding
-        return cls(num, dim, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora)
+        return variants.embedding(cfg, num, dim)
     return lora.FrozenEmbedding(num, dim)
 
 
@@ -194,6 +192,9 @@ class GPT2(nn.Module):
         self._untied_by_merge = False
         self.grad_checkpoint = False  # training: keep only block inputs, recompute the rest in backward
         self.tie_weights()
+        if self.tied and getattr(self.lm_head, "residual", False):
+            raise ValueError(f"init {lora_cfg.init} would change lm_head's frozen weight, which this model ties "
+                             "to token_embedding (the embedding would change too); use --init default for lm_head")
         lora.mark_only_lora_trainable(self)
 
     def tie_weights(self) -> None:

@@ -8,6 +8,7 @@ its status. A streamed request whose client goes away is cancelled, freeing its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import secrets
@@ -18,15 +19,17 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request  # the serve extra; this module is imported only by `serve`
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tokenizer
 from ..inference.decoding import fits
 from ..inference.sampling import SamplingConfig
 from .engine import Engine, Job
-from .request import ApiError, Completion, parse_completion
+from .request import ApiError, Completion, parse_completion, shown
 from ..inference.text import TextDecoder
 
 MAX_BODY_BYTES = 1 << 20  # a 1 MB request body is far beyond any GPT-2 prompt
+DISCONNECT_POLL_S = 0.25  # how often a plain (not streamed) request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,20 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     context = model.config.n_positions
 
     def error(exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # a client too slow to send its request is not kept: it may trickle on forever otherwise
+        headers = {"Connection": "close"} if exc.status == 408 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         return error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # no route, or not this method
+        what = {404: f"there is no {request.url.path!r} here (see /v1/models, /v1/completions, /health)",
+                405: f"{request.url.path} does not take {request.method}"}.get(exc.status_code, str(exc.detail))
+        return error(ApiError(exc.status_code, what, code={404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code)))
 
     def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -85,7 +97,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            code="request_timeout") from None
         c = parse_completion(body, model.config.vocab_size)
         if c.model not in names():
-            raise ApiError(404, f"the model {c.model!r} does not exist; served: {', '.join(names())}",
+            raise ApiError(404, f"the model {shown(c.model)} does not exist; served: {', '.join(names())}",
                            param="model", code="model_not_found")
         adapter = None if c.model == settings.base_name else c.model
         prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
@@ -94,11 +106,25 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than the "
                                f"model's context of {context}", param="max_tokens", code="context_length_exceeded")
         run = _Run(engine, c, adapter, prompts)
-        if c.stream:
+        if c.stream:  # a stream whose client leaves is closed by Starlette, which frees the slots
             return StreamingResponse(run.stream(), media_type="text/event-stream")
-        return await run.whole()
+        return await _unless_gone(request, run.whole())
 
     return app
+
+
+async def _unless_gone(request: Request, work) -> Any:
+    """`work`'s result, or its cancellation (which frees its batch slots) once the client has gone."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return JSONResponse({}, status_code=499)  # nobody reads it: nginx's "client closed request"
 
 
 async def _read_json(request) -> Any:
@@ -118,6 +144,11 @@ async def _read_json(request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:  # valid JSON, but nested deeper than Python's parser goes
+        raise ApiError(400, "the body is nested too deeply to read", code="invalid_json") from None
+    except ValueError as exc:  # an integer beyond Python's int-string limit (4,300 digits)
+        raise ApiError(400, f"the body holds a number too long to read ({' '.join(str(exc).split())[:120]})",
+                       code="invalid_json") from None
 
 
 class _Run:

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MAX_N = 16
-MAX_CHOICES = 64  # prompts x n in one request: a batch's worth, not a denial of service
+MAX_CHOICES = 64  # prompts x n in one request (the README's number): a batch's worth, not a denial of service
 MAX_LOGPROBS = 5
 MAX_STOPS = 4
 UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
@@ -45,14 +44,23 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """A client's value as an error message repeats it: at most `limit` characters, so a
+    4,000-digit number or a megabyte string is named, not echoed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(key, f"must be a number, got {value!r}")
+        raise _bad(key, f"must be a number, got {shown(value)}")
     if not low <= value <= high:
-        raise _bad(key, f"must be between {low:g} and {high:g}, got {value!r}")
+        raise _bad(key, f"must be between {low:g} and {high:g}, got {shown(value)}")
     return float(value)
 
 
@@ -61,9 +69,9 @@ def _integer(body: dict, key: str, default: int | None, low: int, high: int) -> 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(key, f"must be an integer, got {value!r}")
+        raise _bad(key, f"must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise _bad(key, f"must be between {low} and {high}, got {value!r}")
+        raise _bad(key, f"must be between {low} and {high}, got {shown(value)}")
     return value
 
 
@@ -95,17 +103,17 @@ def parse_completion(body: Any, vocab_size: int) -> Completion:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOPS}, got {stop!r}")
+        raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOPS}, got {shown(stop)}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream", f"must be true or false, got {stream!r}")
+        raise _bad("stream", f"must be true or false, got {shown(stream)}")
     include_usage = _stream_options(body.get("stream_options"), stream)
     for key, default in UNSUPPORTED.items():
         value = body.get(key)
         if value is not None and value != default and value != {}:
             raise ApiError(400, f"{key}: not supported by lora-gpt2 serve (only {default!r})", param=key,
                            code="unsupported")
-    n = _integer(body, "n", 1, 1, MAX_N)
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
     if len(prompts) * n > MAX_CHOICES:
         raise _bad("n", f"{len(prompts)} prompts x n {n} is more than {MAX_CHOICES} completions in one request")
     return Completion(
@@ -128,8 +136,8 @@ def _stream_options(value: Any, stream: bool) -> bool:
     if not stream:
         raise _bad("stream_options", "is only allowed with stream: true")
     if not isinstance(value, dict) or set(value) - {"include_usage"}:
-        raise _bad("stream_options", f"must be an object with only include_usage, got {value!r}")
+        raise _bad("stream_options", f"must be an object with only include_usage, got {shown(value)}")
     include = value.get("include_usage", False)
     if not isinstance(include, bool):
-        raise _bad("stream_options", f"include_usage must be true or false, got {include!r}")
+        raise _bad("stream_options", f"include_usage must be true or false, got {shown(include)}")
     return include

@@ -7,19 +7,42 @@ across tables, so the flag for a field is `--` plus its name with `-` for `_`.
 
 from __future__ import annotations
 
+import enum
 import math
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..adapters import variants
 from ..config import DEVICES, DTYPES, LoRAConfig, resolve_targets
 from ..data.formats import Options
+from .loggers import LOGGERS as LOGGER_TABLE
+
+class Resume(str, enum.Enum):
+    """`--resume`: no (a new run), yes (continue the run in --out), auto (continue it if it exists)."""
+
+    no = "no"
+    yes = "yes"
+    auto = "auto"
+
+
+def resume_mode(value: "bool | str | Resume | None") -> str:
+    """The one reading of `--resume` and of `train(resume=...)`: None / False / "no", True / "yes", "auto"."""
+    if value is None or value is False:
+        return "no"
+    if value is True:
+        return "yes"
+    try:
+        return Resume(value).value
+    except ValueError:
+        raise ValueError(f"resume must be one of {', '.join(m.value for m in Resume)}; got {value!r}") from None
+
 
 OPTIMIZERS = ("adamw", "adam")
-LOGGERS = ("tensorboard", "wandb")  # besides metrics.jsonl and loss.png, which every run writes
+LOGGERS = tuple(LOGGER_TABLE)  # --log choices, besides the metrics and the plot every run writes
 MAX_MICRO_BATCH_TOKENS = 2**24  # far beyond any accelerator's memory for GPT-2
 
 
@@ -40,17 +63,33 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def setting(default: Any, help: str, *, fixed: bool = False, flags: tuple[str, ...] = (), metavar: str | None = None,
+            show_default: bool = True) -> Any:
+    """A training setting, declared once: its default, its `--help` line, whether a resumed run must
+    keep it (`fixed`: it gives the run its meaning), and its flag's spelling when not `--name`
+    (`--name/--no-name` for a switch). `train`'s options, the TOML reader, the resume checks and
+    `--print-config` are all derived from these declarations."""
+    return field(default=default, metadata={"help": help, "fixed": fixed, "flags": flags, "metavar": metavar,
+                                            "show_default": show_default})
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = "gpt2"  # Hub id or local checkpoint directory
-    targets: tuple[str, ...] = ("qkv_projection", "output_projection", "linear_in", "linear_out")
-    rank: int = 8
-    alpha: Optional[float] = 16.0  # None means alpha = rank
-    dropout: float = 0.05
-    dtype: str = "auto"  # frozen-weight storage; auto = bfloat16 on CUDA, float32 elsewhere
-    rslora: bool = False  # scaling = alpha / sqrt(rank) (rank-stabilised LoRA)
-    layers: Optional[str] = None  # per-block targets only in these blocks: "N" (last N), "A-B", "A,B,C"
-    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
+    model: str = setting("gpt2", "Base GPT-2: Hub id (gpt2, gpt2-medium, ...) or local directory.", fixed=True)
+    targets: tuple[str, ...] = setting(("qkv_projection", "output_projection", "linear_in", "linear_out"),
+                                       "Comma-separated modules or groups: attn, ffn, embeddings, all, ...", fixed=True)
+    rank: int = setting(8, "LoRA rank r.", fixed=True)
+    alpha: Optional[float] = setting(16.0, "LoRA alpha; scaling = alpha / rank (none: alpha = rank).", fixed=True)
+    dropout: float = setting(0.05, "Dropout on the LoRA input path.")
+    dtype: str = setting("auto", "Frozen weights: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, "
+                                 "float16 (CUDA).")
+    rslora: bool = setting(False, "Rank-stabilised LoRA: scaling = alpha / sqrt(rank).", fixed=True)
+    layers: Optional[str] = setting(None, "Adapters in these blocks only: N (the last N), A-B, or A,B,C; embedding "
+                                          "and lm_head targets are not affected.", fixed=True)
+    variant: str = setting("lora", "The layers' maths: " + variants.describe(variants.VARIANTS) + ".", fixed=True)
+    init: str = setting("default", "How the adapter starts: " + variants.describe(variants.INITS)
+                        + "; pissa_niter_N: PiSSA by N iterations of randomised SVD. A residual start is saved as "
+                          "a rank-2r LoRA of the original weights.", fixed=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", resolve_targets(self.targets))
@@ -58,26 +97,32 @@ class ModelSettings:
             raise ValueError("targets must name at least one module to train")
         if not self.model:
             raise ValueError("model must be a Hub id or a checkpoint directory, got ''")
-        self.lora  # noqa: B018 - rank, alpha and dropout are checked where the library checks them
+        variants.check(self.lora)  # rank, alpha, dropout, variant and init: where the library checks them
         _choice("dtype", self.dtype, DTYPES)
 
     @property
     def lora(self) -> LoRAConfig:
         """The library's LoRA settings: `rank` here is `r` there (alpha=None there means alpha = r)."""
         return LoRAConfig(targets=self.targets, r=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          rslora=self.rslora, layers=self.layers, dora=self.dora)
+                          rslora=self.rslora, layers=self.layers, variant=self.variant, init=self.init)
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    data: str = "data/tinyshakespeare"  # text, JSONL or CSV file, or a folder (see data/formats.py)
-    block_size: int = 256
-    batch_size: int = 8  # per process, per micro-step
-    text_column: Optional[str] = None  # CSV: the column of texts (default "text")
-    prompt_column: Optional[str] = None  # CSV: prompt/completion columns (default "prompt", "completion")
-    completion_column: Optional[str] = None
-    mask_prompt: Optional[bool] = None  # count only the completion's loss; None: on for prompt/completion data
-    packing: bool = False  # example data: several examples per row (block-diagonal attention) instead of padding
+    data: str = setting("data/tinyshakespeare", "Text, JSONL or CSV file, or a folder (of text files, or holding "
+                                                "train.jsonl); prepared on first use.", fixed=True)
+    block_size: int = setting(256, "Context length of each training window.", fixed=True)
+    batch_size: int = setting(8, "Windows per micro-batch (per GPU).")
+    text_column: Optional[str] = setting(None, "CSV: the column of texts (default: text).", fixed=True,
+                                         show_default=False)
+    prompt_column: Optional[str] = setting(None, "CSV: the prompt column (default: prompt).", fixed=True,
+                                           show_default=False)
+    completion_column: Optional[str] = setting(None, "CSV: the completion column (default: completion).", fixed=True,
+                                               show_default=False)
+    mask_prompt: Optional[bool] = setting(None, "Learn only the completions (default: on for prompt/completion "
+                                                "data).", fixed=True, show_default=False)
+    packing: bool = setting(False, "Example data: pack several examples per row (each sees only itself) instead "
+                                   "of padding each row.")
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -100,18 +145,19 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    optimizer: str = "adamw"
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 disables clipping
-    lora_plus_ratio: Optional[float] = None  # LoRA+: lora_b learns at this many times lr (16 is the paper's)
-    grad_accum: int = 1
-    max_steps: Optional[int] = 1000
-    epochs: Optional[float] = None  # instead of max_steps: passes over the train tokens
+    optimizer: str = setting("adamw", "adamw or adam.", fixed=True)
+    lr: float = setting(5e-4, "Peak learning rate.")
+    weight_decay: float = setting(0.0, "Weight decay of the LoRA parameters.")
+    beta1: float = setting(0.9, "Adam beta1.")
+    beta2: float = setting(0.999, "Adam beta2.")
+    warmup_steps: int = setting(50, "Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.")
+    grad_clip: float = setting(1.0, "Clip the gradient norm (0 disables).")
+    lora_plus_ratio: Optional[float] = setting(None, "LoRA+: lora_b learns at this many times --lr (16 is the "
+                                                     "paper's choice).", fixed=True)
+    grad_accum: int = setting(1, "Micro-batches per optimiser step.")
+    max_steps: Optional[int] = setting(1000, "Optimiser steps (instead of --epochs).")
+    epochs: Optional[float] = setting(None, "Passes over the train tokens (instead of --max-steps).")
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -134,17 +180,22 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    out: str = "out/shakespeare"
-    eval_interval: int = 100
-    eval_batches: int = 20
-    log_interval: int = 10
-    save_interval: Optional[int] = None  # None: checkpoint at every evaluation
-    save_interval_minutes: Optional[float] = None  # also checkpoint last/ when this much time has passed
-    device: str = "auto"
-    seed: int = 1337
-    compile: bool = False
-    grad_checkpoint: bool = False  # recompute each block's activations in backward (keeps block inputs only)
-    log: tuple[str, ...] = ()  # extra loggers: tensorboard, wandb
+    out: str = setting("out/shakespeare", "Run directory for adapters, metrics.jsonl and loss.png.")
+    eval_interval: int = setting(100, "Evaluate (and checkpoint) every N steps.")
+    eval_batches: int = setting(20, "Batches of validation windows per evaluation.")
+    log_interval: int = setting(10, "Write metrics.jsonl every N steps.")
+    save_interval: Optional[int] = setting(None, "Also checkpoint last/ every N steps (none: at every "
+                                                 "evaluation).")
+    save_interval_minutes: Optional[float] = setting(None, "Also checkpoint last/ every M minutes.")
+    device: str = setting("auto", "auto, cpu, cuda or mps.")
+    seed: int = setting(1337, "Seed of batches and initialisation.")
+    compile: bool = setting(False, "torch.compile the model.")
+    grad_checkpoint: bool = setting(False, "Recompute each block's activations in backward: less memory, about a "
+                                           "third more compute.")
+    log: tuple[str, ...] = setting((), "Also log to TensorBoard or W&B (repeatable; needs pip install "
+                                       "'lora-gpt2\\[tensorboard]' or '\\[wandb]'). Under torchrun write --logger: "
+                                       "its parser takes --log for its --log-dir.", flags=("--log", "--logger"),
+                                   metavar="tensorboard|wandb", show_default=False)
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -164,6 +215,9 @@ class RunSettings:
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "optim": OptimSettings, "run": RunSettings}
 # field name -> section; names are unique across sections, which makes flat flags possible
 FIELD_SECTION = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+SETTINGS = {f.name: f for cls in SECTIONS.values() for f in fields(cls)}  # every declaration, in order
+# settings that give a run its meaning: a resumed run must keep them (section, key)
+FIXED_ON_RESUME = frozenset((FIELD_SECTION[name], name) for name, f in SETTINGS.items() if f.metadata["fixed"])
 
 
 @dataclass(frozen=True)
@@ -266,7 +320,7 @@ def read_toml_text(text: str, origin: str = "config") -> dict[str, dict[str, Any
             raise ValueError(f"unknown section [{section}] in {path}; valid: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
             raise ValueError(f"{section} in {path} must be a table [{section}]")
-        for key, value in table.items():
+        for key, value in (variants.upgrade(table) if section == "model" else table).items():
             if FIELD_SECTION.get(key) != section:
                 raise ValueError(f"unknown key '{section}.{key}' in {path}")
             hint = _field_type(section, key)

@@ -21,19 +21,14 @@ from ..devices import dtype_choice as dtype_choice_for
 from ..errors import CheckpointError
 from ..adapters.lora import fast_parameters, lora_parameters
 from ..model.gpt2 import GPT2
+from ..runs import RunFolder
 from ..tokenizer import VOCAB_SIZE
-from .config import TrainConfig
+from .config import FIXED_ON_RESUME, TrainConfig, resume_mode
 from ..checkpoints.hf import load_pretrained
 from . import run_dir
 from .events import Notice
 from .optim import apply_settings, build_optimizer, build_scheduler
 
-# Settings that give a run its meaning: a resumed run must keep them (section, key).
-FIXED_ON_RESUME = (("model", "model"), ("model", "targets"), ("model", "rank"), ("model", "alpha"),
-                   ("data", "data"), ("data", "block_size"), ("data", "text_column"), ("data", "prompt_column"),
-                   ("data", "completion_column"), ("data", "mask_prompt"), ("optim", "optimizer"),
-                   ("model", "rslora"), ("model", "layers"), ("model", "dora"), ("optim", "lora_plus_ratio"))
-RESUME_MODES = ("no", "yes", "auto")
 
 
 @dataclass
@@ -65,12 +60,15 @@ class Run:
     def device(self) -> torch.device:
         return self.dist.device
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
+
 
 def build(config: TrainConfig, dist: distributed.Dist, resume: str,
           prepare_progress: Callable[[int, int], None] | None = None) -> Run:
-    """A ready run; `resume` is "no", "yes" or "auto" (resume when the folder holds a run)."""
-    if resume not in RESUME_MODES:
-        raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {resume!r}")
+    """A ready run; `resume` as `config.resume_mode` reads it ("auto": resume when the folder holds a run)."""
+    resume = resume_mode(resume)
     out = Path(config.run.out)
     lock = None
     if dist.is_main:
@@ -111,7 +109,13 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     if dist.device.type == "cpu":
         allocator.return_large_frees()  # activations' memory goes back when freed (allocator.py)
     dtype, dtype_choice = dtype_choice_for(config.model.dtype, dist.device)
-    model = load_pretrained(config.model.model, lora=config.model.lora, dtype=dtype, device=dist.device)
+    # a resumed run starts its layers from last/ (a residual init must not decompose again)
+    last = checkpoint.read_checkpoint(RunFolder(out).last) if resuming else None
+    if last is not None:
+        _check_same_data(out, last, prepared)
+    model = load_pretrained(config.model.model, lora=config.model.lora, dtype=dtype, device=dist.device,
+                            adapter=last.tensors if last else None,
+                            adapter_source=str(RunFolder(out).last / checkpoint.ADAPTER_FILE))
     if model.config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"{config.model.model} has a vocabulary of {model.config.vocab_size} tokens; "
                          f"the GPT-2 tokenizer needs {VOCAB_SIZE}")
@@ -143,14 +147,14 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     run = Run(config, dist, dtype, out, model, model, batches, val_windows, prepared, optimizer, scheduler, scaler,
               tokens_per_step, max_steps, notices=notices, dtype_choice=dtype_choice)
     if resuming:
-        _load_state(run)
+        _load_state(run, last)
         if run.step >= max_steps:
             raise ValueError(f"nothing left to train: {out} is at step {run.step} and max_steps is {max_steps}; "
                              "pass a larger --max-steps (or --epochs)")
     run.forward_model = _wrap(model, config, dist)
     if dist.is_main:  # every check has passed: only now does the folder change
         if resuming:
-            metrics.truncate_after(out / "metrics.jsonl", run.step)
+            metrics.truncate_after(RunFolder(out).metrics, run.step)
         else:
             run_dir.clear_orphans(out)
         run_dir.write_run_config(out, config.to_dict())
@@ -191,6 +195,15 @@ def _check_resume(out: Path, config: TrainConfig) -> list[Notice]:
                    + ", ".join(f"{key} {_show(old)} -> {_show(value)}" for key, old, value in changed))]
 
 
+def _check_same_data(out: Path, last: checkpoint.Checkpoint, prepared: Prepared) -> None:
+    """The data's content is part of a run's meaning, as its path is (runs before 0.3 did not record it)."""
+    then, now = (last.info.meta.get("eval") or {}).get("data_sha256"), prepared.info.get("text_sha256")
+    if then and now and then != now:
+        raise ValueError(f"cannot resume {out}: {prepared.source.path} changed since the run began (sha256 "
+                         f"{then[:16]} then, {now[:16]} now); put the data back, or start a new run with another "
+                         "--out")
+
+
 def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
@@ -201,13 +214,11 @@ def _check_token_ids(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
                          f"{vocab_size}; prepare the data again (delete its meta.json)")
 
 
-def _load_state(run: Run) -> None:
-    last = run.out / "last"
-    ckpt = checkpoint.read_checkpoint(last)
+def _load_state(run: Run, ckpt: checkpoint.Checkpoint) -> None:
+    last = ckpt.path
     if ckpt.info.base_fingerprint and ckpt.info.base_fingerprint != run.model.fingerprint:
         raise CheckpointError(f"{last} was trained on base {ckpt.info.base_fingerprint}, but "
                               f"{run.config.model.model} is {run.model.fingerprint}")
-    checkpoint.load_adapter_tensors(run.model, ckpt)
     state = checkpoint.load_state(last)
     try:
         run.optimizer.load_state_dict(state["optimizer"])

@@ -20,7 +20,7 @@ from ..data import mask_prompt_for
 from .evaluation import mean_loss
 from .flops import lora_training_flops_per_token, measure_matmul_flops
 from ..adapters.lora import count_parameters
-from .config import TrainConfig
+from .config import TrainConfig, resume_mode
 from . import factory, loggers, run_dir
 from .events import Evaluated, Event, Finished, Logged, Saved, Started, Stepped, Subscriber, TrainResult
 from .subscribers import LossPlot, MetricsLog
@@ -78,17 +78,17 @@ class Trainer:
         c = r.config
         return {"data": str(Path(c.data.data).resolve()), "block_size": c.data.block_size,
                 "batch_size": c.data.batch_size, "eval_batches": c.run.eval_batches,
-                "data_kind": r.prepared.kind, "mask_prompt": mask_prompt_for(r.prepared, c.data.mask_prompt),
+                "data_kind": r.prepared.kind, "data_sha256": r.prepared.info.get("text_sha256"), "mask_prompt": mask_prompt_for(r.prepared, c.data.mask_prompt),
                 **c.data.options.to_dict()}
 
-    def save(self, name: str, with_state: bool) -> None:
+    def save(self, folder: Path, with_state: bool) -> None:
         r = self.run_
         if not r.dist.is_main:
             return
-        checkpoint.save_checkpoint(r.out / name, r.model, self.state() if with_state else None,
+        checkpoint.save_checkpoint(folder, r.model, self.state() if with_state else None,
                                    step=r.step, val_loss=r.last_val, tokens_per_step=r.tokens_per_step,
                                    dtype=dtype_name(r.dtype), dtype_choice=r.dtype_choice, eval=self.eval_settings())
-        self.emit(Saved(r.out / name, r.step))
+        self.emit(Saved(folder, r.step))
 
     def train_step(self) -> StepStats:
         """One optimiser step over grad_accum micro-batches: its loss, targets counted, gradient norm.
@@ -135,7 +135,7 @@ class Trainer:
         saved = run_dir.existing_step(r.out)
         if saved is None:
             return what + "No checkpoint was saved yet: start again with a lower --lr"
-        return (what + f"The last good checkpoint is {r.out / 'last'} (step {saved}): "
+        return (what + f"The last good checkpoint is {r.folder.last} (step {saved}): "
                 "continue with --resume and a lower --lr")
 
     def run(self, should_stop: StopCheck = lambda: None, stop_after: int | None = None,
@@ -181,7 +181,7 @@ class Trainer:
             stop = distributed.any_rank(r.dist, requested is not None) or (
                 stop_after is not None and r.step - first_step >= stop_after)
             if save_now or stop:
-                self.save("last", with_state=True)
+                self.save(r.folder.last, with_state=True)
                 last_save = time.perf_counter()
             if stop and r.step < r.max_steps:
                 stop_reason = requested  # None: --stop-after, or a request on another rank
@@ -215,7 +215,7 @@ class Trainer:
         record.update(step=r.step, val_loss=val, val_ppl=math.exp(min(val, 50)))
         self.emit(Evaluated(r.step, val, improved))
         if improved:
-            self.save("best", with_state=False)
+            self.save(r.folder.best, with_state=False)
 
 
 def default_subscribers(config: TrainConfig, model, notify: Callable[[Event], None]) -> list[Subscriber]:
@@ -233,7 +233,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, subscribers: Itera
     run's own (metrics.jsonl, loss.png) and before the --log loggers. `resume`: False/True, or "auto" (resume if there is a run).
     `prepare_progress(done, total)` hears how a first preparation of the data goes.
     """
-    mode = {False: "no", True: "yes"}.get(resume, resume) if isinstance(resume, bool) else resume
+    mode = resume_mode(resume)
     loggers.check_installed(config.run.log)
     with distributed.process_group(config.run.device) as dist:
         run = factory.build(config, dist, mode, prepare_progress)

@@ -12,14 +12,11 @@ import shutil
 import os
 from pathlib import Path
 
+from ..adapters import variants
 from ..checkpoints import adapter_dir as checkpoint
 from ..atomic import remove_stale_temps, write_text
 from ..errors import CheckpointError, LoraGPT2Error, WriteError
-from .loggers import RUN_FILES
-from .subscribers import METRICS_FILE, PLOT_FILE
-
-LOCK_FILE = ".lock"
-RUN_CONFIG = "config.json"
+from ..runs import CHECKPOINTS, RunFolder
 
 
 class RunInUse(LoraGPT2Error):
@@ -46,7 +43,7 @@ class RunLock:
             raise WriteError(f"cannot create run folder {self.out}: {exc.strerror or exc}") from None
         if not self.out.is_dir():
             raise WriteError(f"--out {self.out} is a file, not a folder")
-        path = self.out / LOCK_FILE
+        path = RunFolder(self.out).lock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -73,9 +70,9 @@ class RunLock:
         """Release after a refused start: a folder that acquire made, and that still holds
         nothing but the lock, goes too, so a typo in --model leaves no empty run behind."""
         created = self.created and self._fd is not None
-        if created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+        if created and list(self.out.iterdir()) == [RunFolder(self.out).lock]:
             with contextlib.suppress(OSError):
-                (self.out / LOCK_FILE).unlink()
+                RunFolder(self.out).lock.unlink()
                 self.out.rmdir()
         self.release()
 
@@ -94,14 +91,14 @@ def _read_pid(fd: int) -> int | None:
 
 def recover(out: Path) -> None:
     """For the lock holder: finish or undo interrupted checkpoint swaps, drop stale temporaries."""
-    for name in checkpoint.CHECKPOINT_NAMES:
-        checkpoint.recover_checkpoint(out / name)
+    for name in CHECKPOINTS:
+        checkpoint.recover_checkpoint(RunFolder(out).checkpoint(name))
     remove_stale_temps(out)
 
 
 def existing_step(out: Path) -> int | None:
     """The step of the run already in `out` (its last/ checkpoint), if any. Call after `recover`."""
-    meta = out / "last" / checkpoint.META_FILE
+    meta = RunFolder(out).last / checkpoint.META_FILE
     if not meta.is_file():
         return None
     try:
@@ -113,8 +110,7 @@ def existing_step(out: Path) -> int | None:
 
 def clear_orphans(out: Path) -> None:
     """A new run in a folder whose earlier run never checkpointed: its metrics and plot go."""
-    for name in (METRICS_FILE, PLOT_FILE, *RUN_FILES):  # the loggers' too: a new run is a new W&B run
-        path = out / name
+    for path in RunFolder(out).orphans:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -123,7 +119,7 @@ def clear_orphans(out: Path) -> None:
 
 
 def read_run_config(out: Path) -> dict | None:
-    path = out / RUN_CONFIG
+    path = RunFolder(out).config
     if not path.is_file():
         return None
     try:
@@ -132,8 +128,10 @@ def read_run_config(out: Path) -> dict | None:
         raise CheckpointError(f"{path} is not valid JSON; the run cannot be resumed from it") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} is not a run config (a JSON object)")
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = variants.upgrade(saved["model"])
     return saved
 
 
 def write_run_config(out: Path, config_dict: dict) -> None:
-    write_text(out / RUN_CONFIG, json.dumps(config_dict, indent=2) + "\n")
+    write_text(RunFolder(out).config, json.dumps(config_dict, indent=2) + "\n")

@@ -10,10 +10,12 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..config import TrainConfig
 from ..events import Event, Notice, Subscriber
+
+if TYPE_CHECKING:  # the settings read this table (the --log choices): no import back at run time
+    from ..config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,6 @@ LOGGERS = {
     "tensorboard": Logger("tensorboard_log", "TensorBoardLog", "tensorboard", "tensorboard"),
     "wandb": Logger("wandb_log", "WandbLog", "wandb", "wandb"),
 }
-
-TENSORBOARD_FOLDER = "tensorboard"  # RUN/tensorboard/
-WANDB_ID_FILE = "wandb-run-id"  # RUN/wandb-run-id: a resumed run continues the same W&B run
-RUN_FILES = (TENSORBOARD_FOLDER, WANDB_ID_FILE)  # what a new run in a dead run's folder removes
 
 # metrics.jsonl key -> the scalar's name in a logger (step and elapsed_s are the axes, not scalars)
 SCALARS = {

@@ -8,7 +8,8 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..events import Finished, Logged, Notice, Saved, Started, Subscriber
-from . import SCALARS, TENSORBOARD_FOLDER
+from . import SCALARS
+from ...runs import RunFolder
 
 
 def flat_hparams(config: TrainConfig) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
 
 class TensorBoardLog(Subscriber):
     def __init__(self, config: TrainConfig, out: Path) -> None:
-        self.config, self.path = config, out / TENSORBOARD_FOLDER
+        self.config, self.path = config, RunFolder(out).tensorboard
         self.writer = None
         self.where = ""
 

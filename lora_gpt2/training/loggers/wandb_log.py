@@ -11,7 +11,8 @@ from pathlib import Path
 from ...atomic import write_text
 from ..config import TrainConfig
 from ..events import Finished, Logged, Started, Subscriber
-from . import SCALARS, WANDB_ID_FILE
+from . import SCALARS
+from ...runs import RunFolder
 
 DEFAULT_PROJECT = "lora-gpt2"
 
@@ -23,7 +24,7 @@ class WandbLog(Subscriber):
         self.where = ""  # told once the run has started
 
     def _run_id(self) -> str:
-        path = self.out / WANDB_ID_FILE
+        path = RunFolder(self.out).wandb_id
         saved = path.read_text().strip() if path.is_file() else ""
         if saved:
             return saved

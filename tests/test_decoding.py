@@ -1,5 +1,6 @@
-"""`generate --num-samples N`: the samples are decoded together, in one batch with one KV cache,
-and a seed gives the same texts whatever the batching."""
+"""The one decoding loop: `generate --num-samples N` decodes the samples together and a seed
+gives the same texts whatever the batching; past the context it slides; the session streams
+text; each layer reads only its own slice of the KV cache."""
 
 import json
 
@@ -11,6 +12,8 @@ from lora_gpt2.inference.sampling import SamplingConfig
 from lora_gpt2.adapters import lora
 from lora_gpt2.inference.layouts import DecodeLayout
 from lora_gpt2.inference.session import GenerationSession
+from lora_gpt2.config import ModelConfig
+from lora_gpt2.model.gpt2 import GPT2, KVCache
 
 from helpers import make_hf_model, randomize_adapters, save_hf_model
 
@@ -201,3 +204,54 @@ def test_training_and_merging_never_read_a_blocked_copy(adapted):
     loss.backward()
     assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
     layout.remove()
+
+
+def test_layer_caches_cannot_be_mixed_up():
+    cfg = ModelConfig(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    model = GPT2(cfg)
+    cache = KVCache.empty(cfg, 1, torch.float32, "cpu")
+    with pytest.raises(TypeError, match=r"its own slice of the cache \(KVCache.layer\(i\)\), got KVCache"):
+        model.blocks[1].attn(torch.zeros(1, 3, 8), cache)
+    with pytest.raises(TypeError, match="got KVCache"):
+        model.blocks[1].attn(torch.zeros(1, 3, 8), [cache.layer(0), cache])
+    out = model.blocks[1].attn(torch.zeros(1, 3, 8), cache.layer(1))  # its own slice works
+    assert out.shape == (1, 3, 8) and cache.length == 0
+
+
+def test_generation_past_the_context_equals_fresh_recomputation_of_each_slid_window(small_vocab_checkpoint):
+    """Past the context the cache is rebuilt from the last `window_length` tokens: every greedy token
+    must equal the argmax of a fresh forward pass over the window the model had at that moment."""
+    from lora_gpt2.inference.decoding import window_length
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.session import generate
+
+    model = load_pretrained(small_vocab_checkpoint[0], targets=())  # n_positions 32
+    context, keep = 32, window_length(32)
+    prompt = [5, 9, 17]
+    history = prompt + list(generate(model, prompt, SamplingConfig(max_new_tokens=60, temperature=0)))
+    start, checked = 0, 0
+    with torch.no_grad():
+        for i in range(len(prompt), len(history)):
+            if i - start > context:  # the cache was full: it restarted from the last `keep` tokens
+                start = i - keep
+            fresh = model(torch.tensor([history[start:i]]))[0, -1]
+            assert history[i] == int(fresh.argmax()), i
+            checked += start > 0
+    assert start > 0 and checked >= 20  # several slides happened and were checked
+
+
+def test_generation_session_streams_text_pieces_and_stops_at_the_stop_token(tiny_checkpoint):
+    from lora_gpt2 import tokenizer
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.session import GenerationSession
+
+    session = GenerationSession(load_pretrained(tiny_checkpoint[0], targets=()))
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=None)
+    stream = session.stream("ROMEO:", cfg, session.generator(3))
+    pieces = list(stream)
+    assert "".join(pieces) == tokenizer.decode(stream.tokens) or "\ufffd" in "".join(pieces)
+    assert len(stream.tokens) == 30 and stream.finish_reason == "length"
+    # the same seed with the first sampled token as the stop token ends before emitting it
+    stop = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=None, stop_token=stream.tokens[0])
+    stopped = session.stream("ROMEO:", stop, session.generator(3))
+    assert list(stopped) == [] and stopped.tokens == [] and stopped.finish_reason == "stop"
