@@ -47,7 +47,7 @@ WORKERS = {"machine": machine.worker_machine, "train": w.worker_train, "generate
            "decode_compiled": compiled.worker_decode_compiled, "serve_peft": benchmark_serve.worker_serve_peft}
 
 # ---------------------------------------------------------------- the parent: plan, run, report
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (training/allocator.py)
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
 
 
 def spawn(args, task: str, system: str = "", dtype: str = "float32", layers: str | None = None,

@@ -228,7 +228,7 @@ def test_fused_loss_faults_in_its_chunk_buffers_once_not_once_per_chunk(adapted)
     buffers' pages, where a new pair per chunk faulted in 32 (4 x 16 = 64k pages here)."""
     import resource
 
-    from lora_gpt2.training import allocator
+    from lora_gpt2 import allocator
     from lora_gpt2.model import loss as loss_module
 
     assert allocator.return_large_frees()

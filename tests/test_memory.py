@@ -104,7 +104,7 @@ ALLOCATOR_PROBE = """
 import sys, torch
 def rss(): return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 if sys.argv[1] == "fixed":
-    from lora_gpt2.training.allocator import return_large_frees
+    from lora_gpt2.allocator import return_large_frees
     assert return_large_frees()
 x = torch.ones(2**20); del x  # a 4 MB block freed: glibc raises its mmap threshold past it
 big, small = [], []

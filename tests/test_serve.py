@@ -329,3 +329,53 @@ def test_a_taken_port_is_one_line_before_anything_loads(cli):
         # the model does not exist either: the port is checked first, so nothing is loaded in vain
         code, _, err = cli("serve", "--model", "/no/such/model", "--port", str(port))
     assert code == 1 and err.strip() == f"lora-gpt2: error: cannot serve on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize("every_shape_blocked", [False, True], ids=["today", "as-0.2"])
+def test_memory_stays_flat_as_prompts_of_new_lengths_arrive(tmp_path, every_shape_blocked, monkeypatch):
+    """What `serve` runs (the bank, the decode-time layout, the engine), fed 500 prompts of distinct
+    lengths: RSS after 500 stays within 25 MB of RSS after 50. With prefills of every length sent to
+    oneDNN's blocked path (0.2's way, the second case) it grows by more than 100 MB, which the probe
+    must see."""
+    import random
+    import threading
+
+    from lora_gpt2 import load_pretrained
+    from lora_gpt2.adapters.lora import lora_parameters
+    from lora_gpt2.config import LoRAConfig
+    from lora_gpt2.inference import layouts
+    from lora_gpt2.inference.bank import AdapterBank
+    from lora_gpt2.inference.sampling import SamplingConfig
+    from lora_gpt2.inference.layouts import DecodeLayout
+    from lora_gpt2.serve.engine import Engine, Job
+
+    from helpers import make_hf_model, randomize_adapters, save_hf_model
+
+    if every_shape_blocked:
+        monkeypatch.setattr(layouts, "blocked_rows", lambda x: 0)
+    base = save_hf_model(make_hf_model(seed=3, n_embd=128, n_layer=2, n_positions=1024), tmp_path / "base")
+    bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
+    adapter = randomize_adapters(load_pretrained(base, lora=LoRAConfig(targets=("attn",), r=4)), seed=1, scale=0.05)
+    bank.add("a", LoRAConfig(targets=("attn",), r=4), {k: v.detach() for k, v in lora_parameters(adapter).items()})
+
+    def rss_mb() -> float:
+        return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+    lengths = random.Random(0).sample(range(1, 1000), 500)
+    done, seen = threading.Semaphore(0), {}
+    with DecodeLayout(bank.model):
+        engine = Engine(bank, max_batch=4).start()
+        try:
+            for i, n in enumerate(lengths):
+                engine.submit(Job(list(range(n)), "a" if i % 2 else None, SamplingConfig(max_new_tokens=1), i, None,
+                                  lambda kind, _: done.release() if kind != "token" else None))
+                assert done.acquire(timeout=60)
+                if i + 1 in (50, 500):
+                    seen[i + 1] = rss_mb()
+        finally:
+            engine.stop()
+    growth = seen[500] - seen[50]
+    if every_shape_blocked:
+        assert growth > 100, seen  # the probe sees what 0.2 did, so the bound below means something
+    else:
+        assert growth < 25, seen

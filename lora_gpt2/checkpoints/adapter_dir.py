@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,28 @@ META_FILE = "adapter.json"
 STATE_FILE = "state.pt"
 PREVIOUS = ".prev-"
 READ_ATTEMPTS = 6  # a reader that meets a swap in progress reads again (a swap takes milliseconds)
-# adapter.json "eval" settings -> their type (what `lora-gpt2 eval` reproduces the run's numbers with)
-EVAL_SETTINGS = {"data": str, "block_size": int, "batch_size": int, "eval_batches": int, "data_kind": str,
-                 "data_sha256": str,
-                 "mask_prompt": bool, "text_column": str, "prompt_column": str, "completion_column": str}
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """adapter.json's "eval": what `lora-gpt2 eval` reproduces the run's validation numbers with,
+    what `generate` needs to know of the data (its kind), and what `--resume` checks (its hash)."""
+
+    data: str | None = None
+    block_size: int | None = None
+    batch_size: int | None = None
+    eval_batches: int | None = None
+    data_kind: str | None = None
+    data_sha256: str | None = None
+    mask_prompt: bool | None = None
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+
+
+# each "eval" key -> its type, read off the record (what parse_meta checks)
+EVAL_SETTINGS = {name: next(t for t in typing.get_args(hint) if t is not type(None))
+                 for name, hint in typing.get_type_hints(EvalRecord).items()}
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 

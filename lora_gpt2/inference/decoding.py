@@ -78,6 +78,7 @@ class Decoder:
         self.device = model.token_embedding.weight.device
         self.waiting: list[Sequence] = []
         self.active: list[Sequence] = []
+        self.prefills = 0  # prefills run so far (a server trims its freed memory after each)
 
     def submit(self, prompt: list[int], adapter: str | None, cfg: SamplingConfig, seed: int | None = None,
                logprobs: int | None = None, *, generator: torch.Generator | None = None,
@@ -179,6 +180,7 @@ class Decoder:
         return history
 
     def _prefill(self, group: list[Sequence], window: bool = False) -> None:
+        self.prefills += 1
         """One forward for the group's prompts (each distinct (prompt, adapter) once); each
         sequence then holds its own cache and logits."""
         config, dtype = self.model.config, self.model.frozen_dtype()

@@ -35,7 +35,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(lora_b) if need_lora else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # Every chunk writes into the same (chunk, V) buffers. New ones for each chunk would be
-        # fresh memory each time: under training's allocator setting (training/allocator.py) blocks this
+        # fresh memory each time: under training's allocator setting (allocator.py) blocks this
         # large are mapped when allocated and unmapped when freed, so each new one is faulted in
         # page by page (measured on a 2-layer model: 26% of a step).
         rows_max, vocab = min(chunk, n), weight.size(0)

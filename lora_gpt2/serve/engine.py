@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import allocator
 from ..inference.bank import AdapterBank
 from ..inference.decoding import Decoder, Sequence
 from ..inference.sampling import SamplingConfig
@@ -76,8 +77,11 @@ class Engine:
             self._take_inbox(wait=not self.decoder.busy)
             if not self.decoder.busy:
                 continue
+            prefills = self.decoder.prefills
             try:
                 events = self.decoder.step()
+                if self.decoder.prefills != prefills:  # blocks of a new prompt length were freed
+                    allocator.trim()
             except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: every job in the batch fails
                 self._fail_all(" ".join(str(exc).split()))
                 continue

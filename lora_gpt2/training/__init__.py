@@ -1,6 +1,6 @@
 """Training: its settings (config), a run built and checked (factory), the loop (loop) that
 announces events (events) to subscribers (subscribers, loggers/), the run folder (run_dir),
-and what only training needs: metrics.jsonl, the loss plot, FLOPs, DDP, the allocator.
+and what only training needs: metrics.jsonl, the loss plot, FLOPs, DDP.
 
 Add a logger by writing a `Subscriber` (events.py) and registering it in loggers/. The names
 below load their module on first use, so the CLI reads the settings without importing torch.

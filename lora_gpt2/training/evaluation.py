@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
 
 from ..data import Options, ensure_prepared, eval_batches, located, mask_prompt_for
 from ..model.gpt2 import GPT2
-from .config import DataSettings, RunSettings
+from .config import SETTINGS
 
-# What a recorded setting is called in adapter.json, with the value used when neither the
-# adapter nor the caller gives one: the training defaults, so an unrecorded run still matches.
-DEFAULTS = {"data": DataSettings().data, "block_size": DataSettings().block_size,
-            "batch_size": DataSettings().batch_size, "eval_batches": RunSettings().eval_batches,
-            "mask_prompt": None, "text_column": None, "prompt_column": None, "completion_column": None}
 
 
 @torch.no_grad()
@@ -55,6 +50,9 @@ class EvalSettings:
         return Options(self.text_column, self.prompt_column, self.completion_column)
 
 
+# Each setting with the value used when neither the adapter nor the caller gives one: its
+# training default, read from its one declaration, so an unrecorded run still matches.
+DEFAULTS = {f.name: SETTINGS[f.name].default for f in fields(EvalSettings)}
 COUNTS = ("block_size", "batch_size", "eval_batches")
 
 

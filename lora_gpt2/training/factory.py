@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import allocator, distributed, metrics
+from . import distributed, metrics
+from .. import allocator
 from ..checkpoints import adapter_dir as checkpoint
 from ..data import Prepared, ensure_prepared, eval_batches, mask_prompt_for, train_batches
 from ..devices import dtype_choice as dtype_choice_for

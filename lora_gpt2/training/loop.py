@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -76,10 +77,11 @@ class Trainer:
         `generate` needs to know of the data (its kind)."""
         r = self.run_
         c = r.config
-        return {"data": str(Path(c.data.data).resolve()), "block_size": c.data.block_size,
-                "batch_size": c.data.batch_size, "eval_batches": c.run.eval_batches,
-                "data_kind": r.prepared.kind, "data_sha256": r.prepared.info.get("text_sha256"), "mask_prompt": mask_prompt_for(r.prepared, c.data.mask_prompt),
-                **c.data.options.to_dict()}
+        return {k: v for k, v in asdict(checkpoint.EvalRecord(
+            data=str(Path(c.data.data).resolve()), block_size=c.data.block_size, batch_size=c.data.batch_size,
+            eval_batches=c.run.eval_batches, data_kind=r.prepared.kind, data_sha256=r.prepared.info.get("text_sha256"),
+            mask_prompt=mask_prompt_for(r.prepared, c.data.mask_prompt), **c.data.options.to_dict())).items()
+            if v is not None}
 
     def save(self, folder: Path, with_state: bool) -> None:
         r = self.run_

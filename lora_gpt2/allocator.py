@@ -1,4 +1,9 @@
-"""CPU memory: give large freed blocks back to the system at once.
+"""CPU memory: give freed blocks back to the system (glibc on Linux; elsewhere nothing happens).
+
+Training fixes the mmap threshold (`return_large_frees`); the server trims after each prefill
+(`trim`), because prompts of ever new lengths free blocks of ever new sizes, which glibc keeps
+and fragments: on a 1,024-position GPT-2 (512 wide, 8 blocks) a served process grew by about
+2.5 MB per request of a new length. A trim after a prefill costs well under a millisecond.
 
 glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), so a
 training step's activations (a few MB to tens of MB each) end up on the heap, where freed
@@ -18,6 +23,24 @@ import sys
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 THRESHOLD = 1 << 20
 _done = False
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim() -> bool:
+    """Return every arena's free pages to the system now (glibc's malloc_trim). True if it ran."""
+    libc = _libc()
+    try:
+        return bool(libc is not None and libc.malloc_trim(0) >= 0)
+    except AttributeError:  # not glibc (musl has no malloc_trim)
+        return False
 
 
 def return_large_frees() -> bool:
