@@ -2,8 +2,7 @@
 
 Training fixes the mmap threshold (`return_large_frees`); the server trims after each prefill
 (`trim`), because prompts of ever new lengths free blocks of ever new sizes, which glibc keeps
-and fragments: on a 1,024-position GPT-2 (512 wide, 8 blocks) a served process grew by about
-2.5 MB per request of a new length. A trim after a prefill costs well under a millisecond.
+and fragments.
 
 glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), so a
 training step's activations (a few MB to tens of MB each) end up on the heap, where freed

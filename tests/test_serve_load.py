@@ -2,6 +2,7 @@
 is checked, slow clients that must not hold up the others, and streams that carry logprobs and
 usage the way OpenAI's do."""
 
+import contextlib
 import json
 import random
 import socket
@@ -199,7 +200,7 @@ def exchange(port: int, data: bytes, then: bytes = b"", wait: float = 0.0, timeo
         s.sendall(data)
         if then:
             time.sleep(wait)
-            with __import__("contextlib").suppress(OSError):
+            with contextlib.suppress(OSError):
                 s.sendall(then)
         reply, closed = b"", False
         deadline = time.time() + timeout

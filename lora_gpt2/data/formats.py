@@ -9,7 +9,6 @@ only examples. Errors name the file, the line and the key.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import os
 import hashlib
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
+from .reading import bad_utf8_offset, hash_into, json_line, decode_utf8, readable
 
 TEXT_SUFFIXES = (".txt", ".md")
 SPLIT_FILES = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
@@ -74,16 +74,12 @@ class Source:
         """The content of every file (and its place), so any edit means preparing again; for a
         single file, the sha256 of its bytes."""
         if self.path.is_file():
-            with readable(self.path):
-                return _file_sha256(self.path)
+            return hash_into(hashlib.sha256(), self.path).hexdigest()
         digest = hashlib.sha256()
         for f in sorted(self.all_files()):
             # the name's bytes: a name that is not UTF-8 is still a name
             digest.update(os.fsencode(f.relative_to(self.path) if self.path.is_dir() else f.name) + b"\0")
-            with readable(f), open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            digest.update(b"\0")
+            hash_into(digest, f).update(b"\0")
         return digest.hexdigest()
 
     def examples(self, part: str) -> Iterator[Example]:
@@ -92,29 +88,11 @@ class Source:
                 yield from self.kind.read(f, self.options)
 
     def count(self, part: str) -> int:
-        total = 0
-        for f in self.files[part]:
-            with readable(f):
-                total += self.kind.count(f, self.options)
-        return total
+        return sum(self._count(f) for f in self.files[part])
 
-
-@contextlib.contextmanager
-def readable(path: Path) -> Iterator[None]:
-    """A file that cannot be read (permissions, I/O) named, with the reason in words."""
-    try:
-        yield
-    except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise DataError(f"{exc.filename or path} cannot be read ({reason})") from None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def _count(self, path: Path) -> int:
+        with readable(path):
+            return self.kind.count(path, self.options)
 
 
 class Kind:
@@ -136,20 +114,6 @@ class Kind:
     def count(self, path: Path, options: Options) -> int:
         """How many examples `read` will yield (for the split and the progress bar)."""
         return sum(1 for _ in self.read(path, options))
-
-
-def decode_utf8(raw: bytes, where: str, offset: int = 0) -> str:
-    """UTF-8 text, without the byte order mark a file may start with (Excel writes one)."""
-    if offset == 0 and raw.startswith(codecs.BOM_UTF8):
-        raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise DataError(f"{where} looks binary (it holds NUL bytes, the first at offset {offset + nul}), "
-                        "not UTF-8 text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where} is not UTF-8 text (invalid byte at offset {offset + exc.start})") from None
 
 
 class TextFile(Kind):
@@ -195,7 +159,7 @@ class _Lines(Kind):
                     continue
                 line = decode_utf8(raw, str(path), offset).strip(" \t\r\n")
                 offset += len(raw)
-                yield self.example(_json_line(line, where), where)
+                yield self.example(json_line(line, where), where)
 
     def example(self, record, where: str) -> Example:
         if not isinstance(record, dict):
@@ -215,18 +179,6 @@ class _Lines(Kind):
                 raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
             values.append(value)
         return _example(values, self.keys, where)
-
-
-def _json_line(line: str, where: str):
-    """One JSONL line's value, or one line naming the file, the line and what is wrong."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:  # valid JSON nested deeper than Python's parser goes
-        raise DataError(f"{where}: nested too deeply to read") from None
-    except ValueError as exc:  # an integer beyond Python's int-string limit
-        raise DataError(f"{where}: holds a number too long to read ({' '.join(str(exc).split())[:100]})") from None
 
 
 def _example(values: list[str], keys: tuple[str, ...], where: str) -> Example:
@@ -260,7 +212,7 @@ class _Csv(Kind):
             with open(path, encoding="utf-8-sig", newline="") as f:  # streamed; a BOM (Excel's) is not data
                 yield from self._rows(path, csv.reader(f), wanted)
         except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {_bad_utf8_offset(path)})") from None
+            raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {bad_utf8_offset(path)})") from None
         except csv.Error as exc:
             raise DataError(f"{path}: not a CSV file a reader can use ({exc})") from None
 
@@ -280,21 +232,6 @@ class _Csv(Kind):
             if len(row) != len(header):
                 raise DataError(f"{where}: {len(row)} fields, but the header has {len(header)}")
             yield _example([row[index[c]] for c in wanted], wanted, where)
-
-
-def _bad_utf8_offset(path: Path) -> int:
-    """Where a file stops being UTF-8 (read again in blocks, only to say so)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            pending = len(decoder.getstate()[0])
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                return offset - pending + exc.start
-            offset += len(block)
-    return offset
 
 
 class CsvText(_Csv):
@@ -318,7 +255,7 @@ def _jsonl_kind(path: Path) -> _Lines:
             line = raw.strip()
             if not line:
                 continue
-            record = _json_line(decode_utf8(line, str(path)), f"{path} line {number}")
+            record = json_line(decode_utf8(line, str(path)), f"{path} line {number}")
             if isinstance(record, dict):
                 for kind in reversed(JSONL_KINDS):  # prompt/completion first: it may also hold "text"
                     if all(k in record for k in kind.keys):

@@ -38,11 +38,10 @@ def block(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 # oneDNN keeps memory for every input shape its blocked linear meets, and prompts bring ever new
-# lengths (500 of them held about 1 GB more on a 1,024-position GPT-2). So the blocked copy sees
-# a bounded set of row counts: a decoding step's (one row per sequence, at most the batch), and a
-# short prefill's rounded up to a multiple of ROW_BUCKET with zero rows (each output row depends
-# on its input row alone). Longer prefills are bound by compute, not by reading the weight, and
-# take the plain weight.
+# lengths, so the blocked copy sees a bounded set of row counts: a decoding step's (one row per
+# sequence, at most the batch), and a short prefill's rounded up to a multiple of ROW_BUCKET with
+# zero rows (each output row depends on its input row alone). Longer prefills are bound by
+# compute, not by reading the weight, and take the plain weight.
 ROW_BUCKET = 32
 BLOCKED_ROWS = 256
 
