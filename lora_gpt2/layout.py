@@ -1,8 +1,8 @@
 """GPT-2's modules under our names and Hugging Face's: the one table every conversion derives from.
 
-The LoRA target names (`--targets`), the HF checkpoint key map (checkpoints/hf.py and merged.py)
-and the PEFT module names (checkpoints/peft.py) are all read off `MODULES`; nothing else spells
-a module path.
+The LoRA target names (`--targets`), the HF checkpoint key map (checkpoints/hf.py and merged.py),
+the PEFT module names (checkpoints/peft.py) and llama.cpp's GGUF tensor names
+(checkpoints/gguf_file.py) are all read off `MODULES`; nothing else spells a module path.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class Module:
     hf: str  # "transformer.h.{i}.attn.c_attn"
     kind: str  # "embedding", "conv1d" (HF stores (in, out)), "linear" or "norm"
     tensors: tuple[str, ...] = ("weight", "bias")
+    gguf: str = ""  # llama.cpp's name: "blk.{i}.attn_qkv" (GGUF tensors are "<name>.weight")
 
     @property
     def target(self) -> str | None:
@@ -35,16 +36,16 @@ class Module:
 
 
 MODULES = (
-    Module("token_embedding", "transformer.wte", "embedding", ("weight",)),
-    Module("position_embedding", "transformer.wpe", "embedding", ("weight",)),
-    Module("blocks.{i}.attn_norm", "transformer.h.{i}.ln_1", "norm"),
-    Module("blocks.{i}.attn.qkv_projection", "transformer.h.{i}.attn.c_attn", "conv1d"),
-    Module("blocks.{i}.attn.output_projection", "transformer.h.{i}.attn.c_proj", "conv1d"),
-    Module("blocks.{i}.ffn_norm", "transformer.h.{i}.ln_2", "norm"),
-    Module("blocks.{i}.ffn.linear_in", "transformer.h.{i}.mlp.c_fc", "conv1d"),
-    Module("blocks.{i}.ffn.linear_out", "transformer.h.{i}.mlp.c_proj", "conv1d"),
-    Module("final_norm", "transformer.ln_f", "norm"),
-    Module("lm_head", "lm_head", "linear", ("weight",)),  # tied to wte unless the config says not
+    Module("token_embedding", "transformer.wte", "embedding", ("weight",), gguf="token_embd"),
+    Module("position_embedding", "transformer.wpe", "embedding", ("weight",), gguf="position_embd"),
+    Module("blocks.{i}.attn_norm", "transformer.h.{i}.ln_1", "norm", gguf="blk.{i}.attn_norm"),
+    Module("blocks.{i}.attn.qkv_projection", "transformer.h.{i}.attn.c_attn", "conv1d", gguf="blk.{i}.attn_qkv"),
+    Module("blocks.{i}.attn.output_projection", "transformer.h.{i}.attn.c_proj", "conv1d", gguf="blk.{i}.attn_output"),
+    Module("blocks.{i}.ffn_norm", "transformer.h.{i}.ln_2", "norm", gguf="blk.{i}.ffn_norm"),
+    Module("blocks.{i}.ffn.linear_in", "transformer.h.{i}.mlp.c_fc", "conv1d", gguf="blk.{i}.ffn_up"),
+    Module("blocks.{i}.ffn.linear_out", "transformer.h.{i}.mlp.c_proj", "conv1d", gguf="blk.{i}.ffn_down"),
+    Module("final_norm", "transformer.ln_f", "norm", gguf="output_norm"),
+    Module("lm_head", "lm_head", "linear", ("weight",), gguf="output"),  # tied to wte unless the config says not
 )
 
 # Target names in model order: what `--targets` accepts (besides the groups below).
@@ -64,3 +65,9 @@ def module_paths(module: Module, n_layer: int) -> list[tuple[str, str]]:
         return [(module.ours, module.hf)]
     return [(module.ours.format(i=i), module.hf.format(i=i)) for i in range(n_layer)]
 
+
+def gguf_paths(module: Module, n_layer: int) -> list[tuple[str, str]]:
+    """(our path, llama.cpp's GGUF name) of every instance of `module`."""
+    if not module.per_block:
+        return [(module.ours, module.gguf)]
+    return [(module.ours.format(i=i), module.gguf.format(i=i)) for i in range(n_layer)]

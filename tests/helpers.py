@@ -38,6 +38,18 @@ def randomize_adapters(model, seed: int, scale: float):
     return model
 
 
+def make_adapter(checkpoint_dir, out, targets, *, seed=1, scale=0.05, **lora):
+    """An adapter folder with random (non-zero) A and B on `targets`, and its model."""
+    from lora_gpt2 import load_pretrained
+    from lora_gpt2.checkpoints import adapter_dir
+    from lora_gpt2.config import LoRAConfig
+
+    model = load_pretrained(checkpoint_dir, lora=LoRAConfig(targets=targets, r=4, alpha=8.0, **lora))
+    randomize_adapters(model, seed, scale)
+    adapter_dir.save_checkpoint(out, model, None, step=0)
+    return out, model
+
+
 def save_hf_model(model, directory) -> str:
     model.save_pretrained(directory)
     return str(directory)

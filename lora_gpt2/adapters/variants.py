@@ -40,6 +40,7 @@ class Variant:
     tensors: dict[tuple[str, str], str] = field(default_factory=dict)  # PEFT suffixes beyond A and B
     unbatchable: str | None = None  # why the adapter bank cannot add it per row (None: it can)
     residual_inits: bool = True  # whether PiSSA / OLoRA may start it
+    gguf_lora: str | None = None  # why llama.cpp's LoRA GGUF cannot hold it (None: it can)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ VARIANTS = {v.name: v for v in (
                      ("embedding", "magnitude"): "lora_magnitude_vector"},
             unbatchable="its magnitude rescales whole outputs, so it cannot share a batch unmerged; "
                         "merge it into its own model instead",
-            residual_inits=False),
+            residual_inits=False,
+            gguf_lora="llama.cpp's LoRA GGUF holds A and B only, not DoRA's magnitude; "
+                      "export it merged with --format gguf"),
 )}
 
 INITS = {i.name: i for i in (

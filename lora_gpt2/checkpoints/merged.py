@@ -7,9 +7,11 @@ on its own and `tie_word_embeddings` is set to false.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -21,25 +23,30 @@ from .hf import LM_HEAD, hf_key_map, is_transposed
 from .outputs import WRITTEN_BY
 
 
-def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
-    """(HF state dict with the updates folded in, whether lm_head stays tied).
-
-    The model is merged for the copy and unmerged after it: the caller's model is unchanged.
-    """
+@contextlib.contextmanager
+def merged_parameters(model: GPT2) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """(every parameter by our name with the updates folded in, whether lm_head stays tied),
+    valid inside the block. The model is merged for it and unmerged after: the caller's model
+    is unchanged."""
     model.merge()
     try:
-        params = dict(model.named_parameters(remove_duplicate=False))
-        state = {}
-        for ours, theirs in hf_key_map(model.config.n_layer).items():
-            tensor = params[ours].detach()
-            # HF Conv1D stores (in, out); our Linear holds (out, in)
-            state[f"transformer.{theirs}"] = (tensor.T if is_transposed(theirs) else tensor).contiguous().clone()
-        tied = model.tied  # merge unties the pair when either half carries an update
-        if not tied:
-            state[LM_HEAD] = model.lm_head.weight.detach().contiguous().clone()
-        return state, tied
+        params = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+        yield params, model.tied  # merge unties the pair when either half carries an update
     finally:
         model.unmerge()
+
+
+def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
+    """(HF state dict with the updates folded in, whether lm_head stays tied)."""
+    with merged_parameters(model) as (params, tied):
+        state = {}
+        for ours, theirs in hf_key_map(model.config.n_layer).items():
+            tensor = params[ours]
+            # HF Conv1D stores (in, out); our Linear holds (out, in)
+            state[f"transformer.{theirs}"] = (tensor.T if is_transposed(theirs) else tensor).contiguous().clone()
+        if not tied:
+            state[LM_HEAD] = params["lm_head.weight"].contiguous().clone()
+        return state, tied
 
 
 def write_merged(model: GPT2, out_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Where `merge` and `export` may write: never into a run or an adapter, never over unrelated files."""
+"""Where `merge` and `export` may write: never into a run or an adapter, never over unrelated files
+or an existing file unless told."""
 
 from __future__ import annotations
 
@@ -46,11 +47,7 @@ def check_output_dir(out: Path, produces: frozenset[str], force: bool) -> None:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} is a file, not a folder")
-    absolute = out.resolve()
-    for folder in (absolute, *absolute.parents):
-        if folder.is_dir() and _holds_run(folder):
-            raise ValueError(f"output {out} is inside the training run or adapter {folder}; "
-                             "writing there would damage it: choose a folder outside it")
+    _refuse_inside_run(out, out.resolve())
     if not out.is_dir() or force:
         return
     names = sorted(p.name for p in out.iterdir())
@@ -60,3 +57,22 @@ def check_output_dir(out: Path, produces: frozenset[str], force: bool) -> None:
     if others:
         raise ValueError(f"output {out} is not empty and holds {others[0]!r}, which this command did not write; "
                          "choose an empty folder, or pass --force to write into it anyway")
+
+
+def check_output_file(out: Path, force: bool) -> None:
+    """Refuse an output file inside a run (always), a folder, or a file that exists (unless `force`)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ValueError(f"output {out} is a folder; give the file to write, such as {out / 'model.gguf'}")
+    _refuse_inside_run(out, out.resolve().parent)
+    if out.exists() and not force:
+        raise ValueError(f"output {out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ValueError(f"output folder {out.parent} does not exist")
+
+
+def _refuse_inside_run(out: Path, absolute: Path) -> None:
+    for folder in (absolute, *absolute.parents):
+        if folder.is_dir() and _holds_run(folder):
+            raise ValueError(f"output {out} is inside the training run or adapter {folder}; "
+                             "writing there would damage it: choose a folder outside it")
