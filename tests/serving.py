@@ -1,6 +1,7 @@
 """A served tiny base model with two adapters, shared by the serve tests: the server runs in a
 thread on 127.0.0.1, and each adapter's own model is kept as the reference."""
 
+import contextlib
 import socket
 import threading
 import time
@@ -42,31 +43,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(world):
+@contextlib.contextmanager
+def running_server(engine, **settings):
+    """The app over `engine` on a free port of 127.0.0.1, in a thread: yields its base URL."""
     import uvicorn
 
     from lora_gpt2.serve.app import ServeSettings, create_app
-    from lora_gpt2.serve.engine import Engine
     from lora_gpt2.serve.protocol import server_config
 
-    base, adapters, _ = world
-    bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
-    for name in ADAPTERS:
-        bank.add_adapter(name, read_adapter(adapters / name))
-    engine = Engine(bank, max_batch=4).start()
     port = free_port()
-    app = create_app(engine, ServeSettings("tiny-base", KEY, body_timeout_s=BODY_TIMEOUT_S))
+    app = create_app(engine, ServeSettings("tiny-base", KEY, body_timeout_s=BODY_TIMEOUT_S, **settings))
     srv = uvicorn.Server(server_config(app, "127.0.0.1", port, BODY_TIMEOUT_S))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
-    engine.stop()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def base_engine(base, max_batch=4):
+    """An engine over the bare base model (the caller adds adapters and stops it)."""
+    from lora_gpt2.serve.engine import Engine
+
+    bank = AdapterBank(load_pretrained(base, lora=LoRAConfig(targets=())).eval())
+    return Engine(bank, max_batch=max_batch, base_name="tiny-base")
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    base, adapters, _ = world
+    engine = base_engine(base)
+    for name in ADAPTERS:
+        engine.adapters.add(name, read_adapter(adapters / name))
+    engine.start()
+    try:
+        with running_server(engine) as url:
+            yield url, engine
+    finally:
+        engine.stop()
 
 
 def greedy_text(singles, name, prompt, n):

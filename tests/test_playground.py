@@ -98,3 +98,48 @@ def test_a_wrong_key_is_shown_on_the_page(browser, server):
     page.wait_for_function("document.getElementById('notice').textContent.includes('API key')")
     assert "missing or wrong API key" in page.text_content("#notice")
     page.close()
+
+
+def test_a_watched_run_shows_its_step_and_reload_shows_the_next(browser, world, tmp_path):
+    from lora_gpt2 import load_pretrained
+    from lora_gpt2.checkpoints import adapter_dir
+    from lora_gpt2.config import LoRAConfig
+    from lora_gpt2.serve.watch import Watch
+
+    from helpers import randomize_adapters
+    from serving import base_engine, running_server
+
+    base, _, _ = world
+    config = LoRAConfig(targets=("attn",), r=4, alpha=8.0)
+    models = {step: randomize_adapters(load_pretrained(base, lora=config).eval(), seed=step, scale=0.1)
+              for step in (4, 8)}
+    engine = base_engine(base).start()
+    try:
+        watch = Watch(engine, "live", tmp_path / "run", "best")
+        adapter_dir.save_checkpoint(tmp_path / "run" / "best", models[4], None, step=4)
+        assert watch.check()
+        with running_server(engine) as url:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#key", KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.querySelectorAll('.column select').length === 3 && "
+                                   "document.querySelector('.column select').options.length === 2")
+            labels = page.eval_on_selector_all(".column:nth-child(2) option", "o => o.map(x => x.textContent)")
+            assert labels == ["(off)", "tiny-base", "live · step 4 (live)"]
+            adapter_dir.save_checkpoint(tmp_path / "run" / "best", models[8], None, step=8)
+            assert watch.check()
+            page.click("#reload")
+            page.wait_for_function("[...document.querySelectorAll('.column:nth-child(2) option')]"
+                                   ".some(o => o.textContent === 'live · step 8 (live)')")
+            assert page.eval_on_selector(".column:nth-child(2) select", "s => s.value") == "live"  # kept
+            page.fill("#prompt", "Once upon")
+            page.fill("#max_tokens", "10")
+            page.click("#go")
+            page.wait_for_function("document.body.dataset.finished === '1'", timeout=60_000)
+            footer = page.text_content(".column:nth-child(2) footer")
+            assert footer.startswith("live (step-8) · 10 tokens")
+            assert page.text_content(".column:nth-child(2) pre .text") == greedy_text(models, 8, "Once upon", 10)
+            page.close()
+    finally:
+        engine.stop()

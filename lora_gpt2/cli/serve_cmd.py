@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..runs import CHECKPOINTS
 from .app import app
 from .output import say
 
@@ -59,18 +60,43 @@ def serve_cmd(
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     force: bool = Opt(False, "--force", help="Serve adapters even if their base model's fingerprint differs."),
     grace: float = Opt(30.0, min=0.0, help="On SIGTERM or Ctrl-C, seconds in-flight requests may take to finish."),
+    watch: Optional[list[str]] = Opt(None, "--watch", metavar="NAME=RUN_DIR",
+                                     help="Follow a training run: serve its checkpoint as NAME and load each new one "
+                                          "it publishes; a run not started yet is waited for (repeatable)."),
+    watch_which: str = Opt(CHECKPOINTS[0], "--watch-which", help="The checkpoint a watch serves: best or last."),
+    allow_runtime_adapters: bool = Opt(False, "--allow-runtime-adapters",
+                                       help="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                                            "API); the API key, if set, applies."),
 ) -> None:
     """Answer OpenAI-style completions for the base model and each adapter, batched together."""
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise ValueError(f"serve needs FastAPI and uvicorn: {SERVE_HINT}")
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "prometheus_client")):
+        raise ValueError(f"serve needs FastAPI, uvicorn and prometheus_client: {SERVE_HINT}")
     named = _named(adapter or [], adapters)
+    watched = _watched(watch or [], watch_which, named)
     with _bind(host, port) as sock:  # before loading anything: a taken port is known at once
-        bank, base_name = _load(model, named, dtype, device, force)
-        _run(bank, base_name, sock, api_key, max_batch, grace)
+        bank, base_name, read = _load(model, named, dtype, device, watched)
+        engine = _engine(bank, base_name, read, max_batch, force)
+        watches = _start_watches(engine, watched, watch_which)
+        _run(engine, base_name, sock, api_key, max_batch, grace, allow_runtime_adapters, watches)
 
 
-def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, force: bool):
-    """The base model in its decode-time layout, and a bank holding every named adapter."""
+def _watched(specs: list[str], which: str, named: dict[str, str]) -> dict[str, Path]:
+    from ..serve.watch import checkpoint_folder
+
+    watched: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--watch must be NAME=RUN_DIR, got {spec!r}")
+        if name in watched or name in named:
+            raise ValueError(f"adapter name {name!r} is given twice")
+        checkpoint_folder(path, which)  # a wrong --watch-which is named before anything loads
+        watched[name] = Path(path)
+    return watched
+
+
+def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, watched: dict[str, Path]):
+    """The base model in its decode-time layout in an (empty) bank, and every named adapter read."""
     from ..checkpoints.reading import read_adapter
     from ..inference.bank import AdapterBank
     from ..inference.layouts import DecodeLayout
@@ -79,33 +105,70 @@ def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, 
     from ..checkpoints.hf import load_pretrained
 
     read = {name: read_adapter(path) for name, path in named.items()}
-    base = model or next((a.base_model for a in read.values() if a.base_model), "")
+    base = model or next((a.base_model for a in read.values() if a.base_model), "") or _watched_base(watched)
     if not base:
-        raise ValueError("no base model: pass --model (or an adapter that names its base)")
+        raise ValueError("no base model: pass --model (or an adapter, or a watched run with a checkpoint, "
+                         "that names its base)")
     device_ = pick_device(device)
     net = load_pretrained(base, lora=LoRAConfig(targets=()), dtype=resolve_dtype(dtype, device_), device=device_)
     DecodeLayout(net.eval()).install()  # for the server's lifetime: the process ends with it
     bank = AdapterBank(net)
     base_name = Path(base).name if Path(base).exists() else base
-    if base_name in read:
-        raise ValueError(f"adapter name {base_name!r} is the base model's name; choose another")
+    return bank, base_name, read
+
+
+def _watched_base(watched: dict[str, Path]) -> str:
+    from ..checkpoints.adapter_dir import read_adapter_info
+    from ..errors import CheckpointError
+
+    for run in watched.values():
+        try:
+            return read_adapter_info(run).base_model
+        except CheckpointError:  # not started yet: waited for
+            continue
+    return ""
+
+
+def _start_watches(engine, watched: dict[str, Path], which: str) -> list:
+    """A watch per run; a run that has a checkpoint already is served from the start (and one
+    trained on another base model is refused here, by name)."""
+    from ..checkpoints.adapter_dir import find_adapter_dir
+    from ..errors import CheckpointError
+    from ..serve.watch import Watch
+
+    watches = []
+    for name, run in watched.items():
+        w = Watch(engine, name, run, which, report=say)
+        try:
+            find_adapter_dir(w.folder)
+        except CheckpointError:
+            say(f"watch {name}: waiting for {w.folder}")
+        else:
+            w.check(at_start=True)
+        watches.append(w)
+    return watches
+
+
+def _engine(bank, base_name: str, read: dict, max_batch: int, force: bool):
+    from ..serve.engine import Engine
+
+    engine = Engine(bank, max_batch, base_name=base_name, force=force)
     for name, found in read.items():
-        bank.add_adapter(name, found, force=force)
-    return bank, base_name
+        engine.adapters.add(name, found)  # on this thread, before decoding starts
+    return engine
 
 
-def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int, grace: float) -> None:
+def _run(engine, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int, grace: float,
+         runtime_adapters: bool, watches: list) -> None:
     import threading
 
     import uvicorn
 
     from ..serve.app import ServeSettings, create_app
-    from ..serve.engine import Engine
     from ..serve.protocol import server_config
 
-    engine = Engine(bank, max_batch)
     host, port = sock.getsockname()[:2]
-    settings = ServeSettings(base_name, api_key)
+    settings = ServeSettings(base_name, api_key, allow_runtime_adapters=runtime_adapters)
     server = uvicorn.Server(server_config(create_app(engine, settings), host, port, settings.body_timeout_s))
     failed: list[BaseException] = []
 
@@ -139,17 +202,21 @@ def _run(bank, base_name: str, sock: socket.socket, api_key: str | None, max_bat
     previous = {s: signal.signal(s, drain) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="lora-gpt2-http", daemon=True)
     thread.start()
+    watching = threading.Event()
+    for w in watches:
+        threading.Thread(target=w.run, args=(watching,), name=f"lora-gpt2-watch-{w.name}", daemon=True).start()
     try:
         while not server.started and thread.is_alive():
             time.sleep(0.02)
         if server.started:
-            served = ", ".join(n for n in bank.names if n) or "no adapters"
+            served = ", ".join(engine.adapters.current) or "no adapters"
             say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
                 f"in-flight requests finish, up to {grace:g} s)")
             engine.run()
         if not forced.is_set():
             thread.join()
     finally:
+        watching.set()
         timer.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -12,7 +12,7 @@ A variant whose update is not added per row (variants.py: `unbatchable`, e.g. Do
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -42,32 +42,51 @@ class _Stack:
     # the last rows' gathered (a, b, scaling): decoding steps repeat one batch's rows until a
     # request joins or leaves, so each module gathers once per change, not once per step
     gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    users: set[int] = field(default_factory=set)  # the slots whose adapter has an update here
 
     def rows(self, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.gathered is None or self.gathered[0] != rows.key:
             self.gathered = (rows.key, self.a[rows.index], self.b[rows.index], self.scaling[rows.index])
         return self.gathered[1:]
 
-    def grow(self, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+    def shrink(self, n: int) -> None:
+        """Drop the rows from n on (free slots at the end)."""
+        if self.a.size(0) > n:
+            self.a, self.b, self.scaling = self.a[:n].clone(), self.b[:n].clone(), self.scaling[:n].clone()
+            self.gathered = None
+
+    def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+        """Write slot's update (None: none), growing the stack to hold the slot and the rank."""
         n, r, fan_in = self.a.shape
         rank = r if a is None else max(r, a.size(0))
         if rank > r:  # pad every adapter so far to the new largest rank
             self.a = torch.cat([self.a, self.a.new_zeros(n, rank - r, fan_in)], dim=1)
             self.b = torch.cat([self.b, self.b.new_zeros(n, self.b.size(1), rank - r)], dim=2)
-        new_a = self.a.new_zeros(1, rank, fan_in)
-        new_b = self.b.new_zeros(1, self.b.size(1), rank)
+        if slot >= n:
+            more = slot + 1 - n
+            self.a = torch.cat([self.a, self.a.new_zeros(more, rank, fan_in)])
+            self.b = torch.cat([self.b, self.b.new_zeros(more, self.b.size(1), rank)])
+            self.scaling = torch.cat([self.scaling, self.scaling.new_zeros(more)])
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.scaling[slot] = 0.0
         if a is not None:
-            new_a[0, : a.size(0)] = a
-            new_b[0, :, : b.size(1)] = b
-        self.a = torch.cat([self.a, new_a])
-        self.b = torch.cat([self.b, new_b])
+            self.a[slot, : a.size(0)] = a
+            self.b[slot, :, : b.size(1)] = b
+            self.scaling[slot] = scaling
+            self.users.add(slot)
+        else:
+            self.users.discard(slot)
         self.gathered = None
-        self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if a is not None else 0.0])])
 
 
 class AdapterBank:
     """Adapters by name over `model` (built without LoRA targets); `rows` says which one each
-    row of the next forward uses (None: the base model)."""
+    row of the next forward uses (None: the base model).
+
+    Each adapter holds one slot (a row of every stack); `remove` frees it for the next `add`,
+    so loading and unloading adapters at run time reuses memory instead of growing it. A
+    module's stack and hook go when no adapter adapts it any more."""
 
     def __init__(self, model: GPT2) -> None:
         if model.lora_layers():
@@ -76,17 +95,22 @@ class AdapterBank:
         self.names: list[str | None] = [None]
         self.stacks: dict[str, _Stack] = {}
         self._rows: _Rows | None = None
-        self._hooks: list = []  # one forward hook per stacked module (see _stack_for)
+        self._hooks: dict[str, object] = {}  # one forward hook per stacked module (see _stack_for)
         self._dtype = model.frozen_dtype()
         self._device = model.token_embedding.weight.device
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names
+        return name is not None and name in self.names
+
+    @property
+    def loaded(self) -> list[str]:
+        return [n for n in self.names if n is not None]
 
     @property
     def nbytes(self) -> int:
         """Memory the adapters take: every stack's A, B and scalings (row 0, the base, included)."""
-        return sum(t.numel() * t.element_size() for st in self.stacks.values() for t in (st.a, st.b, st.scaling))
+        stacks = list(self.stacks.values())  # a snapshot: /metrics reads this while adapters load
+        return sum(t.numel() * t.element_size() for st in stacks for t in (st.a, st.b, st.scaling))
 
     def add(self, name: str, config: LoRAConfig, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Add an adapter: its LoRA settings and tensors, named as `lora_parameters` names them."""
@@ -106,15 +130,35 @@ class AdapterBank:
             raise CheckpointError(f"{where} does not fit {self.model.base.source if self.model.base else 'the model'}"
                                   f": tensor {wrong[0]} is missing, unexpected or of another shape")
         modules = dict(self.model.named_modules())
+        slot = next((i for i, n in enumerate(self.names) if i and n is None), len(self.names))
         for path in sorted(set(layers) | set(self.stacks)):
             if path not in self.stacks:
                 self._stack_for(path, modules[path])
             if path in layers:  # a batchable variant saves its update as lora_a, lora_b alone
                 a, b = (tensors[f"{path}.{local}"].to(self._device, self._dtype) for local in ("lora_a", "lora_b"))
-                self.stacks[path].grow(a, b, config.scaling)
+                self.stacks[path].put(slot, a, b, config.scaling)
             else:
-                self.stacks[path].grow(None, None, 0.0)
-        self.names.append(name)
+                self.stacks[path].put(slot, None, None, 0.0)
+        if slot == len(self.names):
+            self.names.append(name)
+        else:
+            self.names[slot] = name
+
+    def remove(self, name: str) -> None:
+        """Take an adapter out; its slot is free for the next `add`. No row may still use it."""
+        if name not in self:
+            raise ValueError(f"unknown adapter {name!r}")
+        slot = self.names.index(name)
+        for path, stack in list(self.stacks.items()):
+            stack.put(slot, None, None, 0.0)
+            if not stack.users:  # nobody adapts this module any more: no hook, no work per forward
+                self._hooks.pop(path).remove()
+                del self.stacks[path]
+        self.names[slot] = None
+        while len(self.names) > 1 and self.names[-1] is None:  # trailing free slots: give them back
+            self.names.pop()
+        for stack in self.stacks.values():
+            stack.shrink(len(self.names))
 
     def add_adapter(self, name: str, adapter: Adapter, force: bool = False) -> None:
         """Add an adapter read from disk (`adapters.read_adapter`: a run, an adapter or a PEFT
@@ -142,11 +186,11 @@ class AdapterBank:
             update = kind(stack, self._rows, args[0])
             return None if update is None else out + update
 
-        self._hooks.append(module.register_forward_hook(add_rows))
+        self._hooks[path] = module.register_forward_hook(add_rows)
 
     def close(self) -> None:
         """Take the bank's hooks off the model: it is the plain base model again."""
-        for hook in self._hooks:
+        for hook in self._hooks.values():
             hook.remove()
         self._hooks.clear()
         self.stacks.clear()
@@ -161,9 +205,9 @@ class AdapterBank:
     @contextlib.contextmanager
     def rows(self, names: list[str | None]) -> Iterator[None]:
         """Within the block, row i of a forward uses adapter names[i] (None: the base model)."""
-        unknown = [n for n in names if n not in self.names]
+        unknown = [n for n in names if n is not None and n not in self]
         if unknown:
-            raise ValueError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(n for n in self.names if n)}")
+            raise ValueError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(self.loaded)}")
         key = tuple(self.names.index(n) for n in names)
         # every row the base model: no update to add anywhere
         self._rows = _Rows(torch.tensor(key, device=self._device), key) if any(key) else None

@@ -1,5 +1,6 @@
-"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), `/health`,
-and the playground page at `/`.
+"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), vLLM's
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (with --allow-runtime-adapters), `/health`,
+Prometheus' `/metrics`, and the playground page at `/`.
 
 Every request is checked before it reaches the engine; every error is OpenAI's JSON shape with
 its status. A streamed request whose client goes away is cancelled, freeing its batch slot.
@@ -18,13 +19,17 @@ from importlib import resources
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request  # the serve extra; this module is imported only by `serve`
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tokenizer
+from ..checkpoints.reading import read_adapter
+from ..errors import CheckpointError
 from ..inference.decoding import fits
 from ..inference.sampling import SamplingConfig
+from .adapters import check_name
 from .engine import Engine, Job
+from .metrics import CONTENT_TYPE, Metrics
 from .request import ApiError, Completion, parse_completion, shown
 from ..inference.text import TextDecoder
 
@@ -37,12 +42,14 @@ class ServeSettings:
     base_name: str  # what /v1/models calls the base model
     api_key: str | None = None
     body_timeout_s: float = 30.0  # a body trickled slower than this is refused (408): a slow client's slot frees
+    allow_runtime_adapters: bool = False  # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="lora-gpt2", docs_url=None, redoc_url=None, openapi_url=None)
     model = engine.bank.model
     context = model.config.n_positions
+    metrics = Metrics(engine)
 
     def error(exc: ApiError) -> JSONResponse:
         # a client too slow to send its request is not kept: it may trickle on forever otherwise
@@ -68,7 +75,17 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     def names() -> list[str]:
-        return [settings.base_name] + [n for n in engine.bank.names if n is not None]
+        return [settings.base_name, *engine.adapters.current]
+
+    def label(name: Any) -> str:  # a metrics label: only names the server answers for
+        return name if isinstance(name, str) and name in names() else "unknown"
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return await asyncio.wait_for(_read_json(request), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body took more than {settings.body_timeout_s:g} s to arrive",
+                           code="request_timeout") from None
 
     page = resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
 
@@ -78,34 +95,102 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active_requests": engine.active, "adapters": len(names()) - 1,
-                "adapter_bytes": engine.bank.nbytes}
+        current = engine.adapters.current
+        return {"status": "ok", "active_requests": engine.active, "adapters": len(current),
+                "adapter_bytes": engine.bank.nbytes, "served": {n: s.describe() for n, s in current.items()},
+                "watched": engine.adapters.watching, "runtime_adapters": settings.allow_runtime_adapters}
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lora-gpt2"}
-                                           for n in names()]}
+        current = engine.adapters.current
+        base = {"id": settings.base_name, "object": "model", "created": 0, "owned_by": "lora-gpt2",
+                "root": settings.base_name, "parent": None}
+        return {"object": "list", "data": [base] + [
+            {"id": n, "object": "model", "created": 0, "owned_by": "lora-gpt2", "root": s.path,
+             "parent": settings.base_name, "lora_gpt2": s.describe()} for n, s in current.items()]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    def runtime_on(request: Request) -> None:
+        check_key(request)
+        if not settings.allow_runtime_adapters:  # as vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING: no such route
+            raise ApiError(404, f"{request.url.path} is off; start serve with --allow-runtime-adapters to load and "
+                           "unload adapters at run time", code="not_found")
+
+    def named(body: Any, *keys: str) -> list[str]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_value")
+        for key in keys:
+            if not isinstance(body.get(key), str) or not body[key]:
+                raise ApiError(400, f"{key}: required, a non-empty string", param=key, code="invalid_value")
+        return [body[key] for key in keys]
+
+    def changed(event: str, message: str) -> PlainTextResponse:  # vLLM answers in plain text
+        metrics.adapter_changes.labels(event).inc()
+        return PlainTextResponse(message)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request):
+        runtime_on(request)
+        name, path = named(await body_of(request), "lora_name", "lora_path")
+        try:
+            check_name(name, settings.base_name)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="lora_name", code="invalid_value") from None
+        if name in engine.adapters.current or name in engine.adapters.watching:
+            raise ApiError(400, f"the adapter name {name!r} is taken; unload it first or choose another",
+                           param="lora_name", code="adapter_exists")
+        try:  # disk and sha256 off the event loop and off the decoding thread
+            adapter = await asyncio.to_thread(read_adapter, path)
+            await asyncio.wrap_future(engine.call(lambda: engine.adapters.add(name, adapter)))
+        except (CheckpointError, ValueError, OSError) as exc:
+            raise ApiError(400, f"cannot load {shown(path, 200)}: {' '.join(str(exc).split())}", param="lora_path",
+                           code="invalid_adapter") from None
+        return changed("load", f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request):
+        runtime_on(request)
+        (name,) = named(await body_of(request), "lora_name")
+        served = engine.adapters.current.get(name)
+        if served is None:
+            raise ApiError(404, f"the adapter {shown(name)} is not loaded; served: {', '.join(names())}",
+                           param="lora_name", code="model_not_found")
+        if served.watched:
+            raise ApiError(400, f"the adapter {name!r} follows the run {served.watched} (--watch); it cannot be "
+                           "unloaded at run time", param="lora_name", code="adapter_watched")
+        try:
+            await asyncio.wrap_future(engine.call(lambda: engine.adapters.remove(name)))
+        except KeyError:  # unloaded by another request in the meantime
+            raise ApiError(404, f"the adapter {shown(name)} is not loaded", param="lora_name",
+                           code="model_not_found") from None
+        return changed("unload", f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
+        arrived, model_name = time.perf_counter(), None
         try:
-            body = await asyncio.wait_for(_read_json(request), settings.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body took more than {settings.body_timeout_s:g} s to arrive",
-                           code="request_timeout") from None
-        c = parse_completion(body, model.config.vocab_size)
-        if c.model not in names():
-            raise ApiError(404, f"the model {shown(c.model)} does not exist; served: {', '.join(names())}",
-                           param="model", code="model_not_found")
-        adapter = None if c.model == settings.base_name else c.model
-        prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
-        for ids in prompts:  # refused here, with OpenAI's code, before anything is queued
-            if not fits(len(ids), c.max_tokens, context):
-                raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than the "
-                               f"model's context of {context}", param="max_tokens", code="context_length_exceeded")
-        run = _Run(engine, c, adapter, prompts)
+            check_key(request)
+            body = await body_of(request)
+            model_name = body.get("model") if isinstance(body, dict) else None
+            c = parse_completion(body, model.config.vocab_size)
+            if c.model not in names():
+                raise ApiError(404, f"the model {shown(c.model)} does not exist; served: {', '.join(names())}",
+                               param="model", code="model_not_found")
+            adapter = None if c.model == settings.base_name else c.model
+            prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
+            for ids in prompts:  # refused here, with OpenAI's code, before anything is queued
+                if not fits(len(ids), c.max_tokens, context):
+                    raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than "
+                                   f"the model's context of {context}", param="max_tokens",
+                                   code="context_length_exceeded")
+        except ApiError as exc:
+            metrics.requests.labels(label(model_name), str(exc.status)).inc()
+            raise
+        run = _Run(engine, c, adapter, prompts, _Recorder(metrics, c.model, arrived))
         if c.stream:  # a stream whose client leaves is closed by Starlette, which frees the slots
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return await _unless_gone(request, run.whole())
@@ -154,8 +239,9 @@ async def _read_json(request) -> Any:
 class _Run:
     """One completions request: n choices per prompt, each a job in the engine."""
 
-    def __init__(self, engine: Engine, c: Completion, adapter: str | None, prompts: list[list[int]]) -> None:
-        self.engine, self.c, self.prompts = engine, c, prompts
+    def __init__(self, engine: Engine, c: Completion, adapter: str | None, prompts: list[list[int]],
+                 recorder: "_Recorder") -> None:
+        self.engine, self.c, self.prompts, self.recorder = engine, c, prompts, recorder
         self.id = f"cmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
         self.loop = asyncio.get_running_loop()
@@ -179,6 +265,7 @@ class _Run:
     async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice, new text, finish_reason once it ends), until every choice has ended."""
         open_choices = set(range(len(self.jobs)))
+        status = 499  # unless every choice ends: the client went away
         try:
             while open_choices:
                 index, kind, value = await self.queue.get()
@@ -186,9 +273,11 @@ class _Run:
                     continue
                 text = self.texts[index]
                 if kind == "error":
+                    status = 500
                     raise ApiError(500, f"generation failed: {value}", kind="server_error", code="generation_failed")
                 if kind == "token":
                     token, lp, top = value
+                    self.recorder.token()
                     self.tokens[index] += 1
                     piece = text.add(token)
                     self.logprobs[index].add(token, lp, top)
@@ -201,9 +290,11 @@ class _Run:
                 else:
                     open_choices.discard(index)
                     yield index, text.finish(), "stop" if text.stopped else value
+            status = 200
         finally:
             for index in open_choices:  # the client went away, or an error: free the slots
                 self.engine.cancel(self.jobs[index])
+            self.recorder.done(status, sum(len(ids) for ids in self.prompts) * self.c.n, sum(self.tokens))
 
     def _usage(self) -> dict[str, int]:
         prompt = sum(len(ids) for ids in self.prompts) * self.c.n
@@ -211,8 +302,10 @@ class _Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _chunk(self, choices: list[dict]) -> dict[str, Any]:
+        # which adapter version answered (a watched run's step): OpenAI's system_fingerprint
+        served = self.jobs[0].served if self.jobs else None
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.c.model,
-                "choices": choices}
+                "system_fingerprint": served.fingerprint if served else self.c.model, "choices": choices}
 
     async def whole(self) -> dict[str, Any]:
         texts = [""] * len(self.jobs)
@@ -237,6 +330,26 @@ class _Run:
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         yield "data: [DONE]\n\n"
+
+
+class _Recorder:
+    """One request's figures for /metrics: its first token's time, its end, its tokens."""
+
+    def __init__(self, metrics: Metrics, model: str, arrived: float) -> None:
+        self.metrics, self.model, self.arrived, self.first = metrics, model, arrived, True
+
+    def token(self) -> None:
+        if self.first:
+            self.first = False
+            self.metrics.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
+
+    def done(self, status: int, prompt_tokens: int, generated: int) -> None:
+        m = self.metrics
+        m.requests.labels(self.model, str(status)).inc()
+        m.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        m.generation_tokens.labels(self.model).inc(generated)
+        if status == 200:
+            m.latency.labels(self.model).observe(time.perf_counter() - self.arrived)
 
 
 class _Logprobs:

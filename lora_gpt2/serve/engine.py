@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from .. import allocator
 from ..inference.bank import AdapterBank
 from ..inference.decoding import Decoder, Sequence
 from ..inference.sampling import SamplingConfig
+from .adapters import Served, ServedAdapters
 
 # sink(kind, value): ("token", (id, logprob, top)), ("end", finish_reason) or ("error", message)
 Sink = Callable[[str, Any], None]
@@ -35,12 +37,14 @@ class Job:
     logprobs: int | None
     sink: Sink
     sequence: Sequence | None = field(default=None, repr=False)
+    served: Served | None = None  # the adapter version it decodes with, set when it joins
 
 
 class Engine:
-    def __init__(self, bank: AdapterBank, max_batch: int = 16) -> None:
+    def __init__(self, bank: AdapterBank, max_batch: int = 16, base_name: str = "", force: bool = False) -> None:
         self.decoder = Decoder(bank.model, bank, max_batch)
         self.bank = bank
+        self.adapters = ServedAdapters(bank, base_name, force)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[Sequence, Job] = {}
         self._stopping = threading.Event()
@@ -66,6 +70,22 @@ class Engine:
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the decoding thread between two steps (changes to the adapter set)."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        if self._stopping.is_set():
+            future.set_exception(RuntimeError("the server is stopping"))
+        return future
+
+    @property
+    def running(self) -> int:
+        return len(self.decoder.active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.decoder.waiting)
+
     @property
     def active(self) -> int:
         """Sequences in the batch or waiting for it (read from another thread: a snapshot)."""
@@ -82,6 +102,8 @@ class Engine:
                 events = self.decoder.step()
                 if self.decoder.prefills != prefills:  # blocks of a new prompt length were freed
                     allocator.trim()
+                if self.adapters.retired:
+                    self._collect()
             except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits: every job in the batch fails
                 self._fail_all(" ".join(str(exc).split()))
                 continue
@@ -118,10 +140,21 @@ class Engine:
             kind, job = item
             if kind == "submit":
                 try:
-                    job.sequence = self.decoder.submit(job.prompt, job.adapter, job.cfg, job.seed, job.logprobs)
+                    job.served = self.adapters.resolve(job.adapter)
+                    key = job.served.key if job.served else None
+                    job.sequence = self.decoder.submit(job.prompt, key, job.cfg, job.seed, job.logprobs)
                     self._jobs[job.sequence] = job
                 except ValueError as exc:
                     self._deliver(job, "error", str(exc))
+            elif kind == "call":
+                fn, future = job
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - the caller's to report
+                        future.set_exception(exc)
+                if self.adapters.retired:
+                    self._collect()
             elif kind == "cancel" and job.sequence is not None and job.sequence in self._jobs:
                 del self._jobs[job.sequence]
                 self.decoder.cancel(job.sequence)
@@ -129,6 +162,10 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _collect(self) -> None:
+        in_use = {s.adapter for s in (*self.decoder.active, *self.decoder.waiting)}
+        self.adapters.collect(in_use)
 
     def _fail_all(self, message: str) -> None:
         for sequence, job in list(self._jobs.items()):
