@@ -247,5 +247,6 @@ def _export_gguf(adapter: str, out: Path, format: str, gguf_type: str, base_only
                                         name=name if not base_only else net.base.source)
         use = f"run it with: llama-cli -m {out}"
     types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(written.types.items()))
-    say(f"wrote {out} ({written.tensors} tensors: {types}; {written.bytes / 1e6:.1f} MB) "
+    size = f"{written.bytes / 1e6:.1f} MB" if written.bytes >= 1e6 else f"{written.bytes / 1e3:.1f} kB"
+    say(f"wrote {out} ({written.tensors} tensors: {types}; {size}) "
         f"in {time.perf_counter() - start:.1f}s; {use}")

@@ -153,14 +153,14 @@ class Engine:
                         future.set_result(fn())
                     except Exception as exc:  # noqa: BLE001 - the caller's to report
                         future.set_exception(exc)
-                if self.adapters.retired:
-                    self._collect()
             elif kind == "cancel" and job.sequence is not None and job.sequence in self._jobs:
                 del self._jobs[job.sequence]
                 self.decoder.cancel(job.sequence)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
+                if self.adapters.retired:  # a cancel or a change may have freed a version
+                    self._collect()
                 return
 
     def _collect(self) -> None:
