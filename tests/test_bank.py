@@ -273,3 +273,45 @@ def test_a_decoder_refuses_what_cannot_run(world):
     with pytest.raises(ValueError, match="the prompt is empty"):
         decoder.submit([], None, SamplingConfig(max_new_tokens=2))
     assert not decoder.busy
+
+
+def test_removed_slots_are_reused_and_leave_nothing_behind(world):
+    """Remove and add in every order: each row still equals its adapter alone, a reused slot holds
+    nothing of its previous adapter (a larger rank, other modules), and the bank ends empty."""
+    path, singles, _ = world
+    bank = AdapterBank(load_pretrained(path, lora=LoRAConfig(targets=())).eval())
+    tensors = {n: {k: v.detach().clone() for k, v in lora_parameters(singles[n]).items()} for n in ADAPTERS}
+    ids = torch.randint(0, 50257, (3, 10), generator=torch.Generator().manual_seed(1))
+
+    def check(names):
+        with torch.inference_mode(), bank.rows(names):
+            mixed = bank.model(ids)
+        with torch.inference_mode():
+            for i, name in enumerate(names):
+                torch.testing.assert_close(mixed[i : i + 1], singles[name](ids[i : i + 1]), rtol=0, atol=1e-5)
+
+    for name in ("last-block", "everything", "attn"):  # rank 8 first: the others reuse padded rows
+        bank.add(name, ADAPTERS[name], tensors[name])
+    bank.remove("last-block")
+    assert bank.names == [None, None, "everything", "attn"]
+    check(["attn", "everything", None])
+    bank.add("again", ADAPTERS["attn"], tensors["attn"])  # into the freed slot 1
+    assert bank.names == [None, "again", "everything", "attn"]
+    singles["again"] = singles["attn"]
+    try:
+        check(["again", "everything", "attn"])
+    finally:
+        del singles["again"]
+    bank.remove("everything")  # its modules (ffn, lm_head, embeddings) have no user left
+    assert not any(p.startswith(("blocks.0.ffn", "lm_head", "token_embedding")) for p in bank.stacks)
+    check(["attn", None, "attn"])
+    hooked = sum(len(m._forward_hooks) for m in bank.model.modules())
+    assert hooked == len(bank.stacks)
+    for name in ("again", "attn"):
+        bank.remove(name)
+    assert bank.names == [None] and bank.stacks == {} and bank.nbytes == 0
+    assert sum(len(m._forward_hooks) for m in bank.model.modules()) == 0
+    with pytest.raises(ValueError, match="unknown adapter 'attn'"):
+        bank.remove("attn")
+    with torch.inference_mode():  # the plain base model again
+        torch.testing.assert_close(bank.model(ids), singles[None](ids), rtol=0, atol=0)
