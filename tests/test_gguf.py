@@ -158,7 +158,8 @@ def test_base_only_carries_its_own_output_when_the_adapter_needs_it(adapters, ti
         assert code == 0, err
         _, tensors = read(out)
         assert ("output.weight" in tensors) is own_output
-        np.testing.assert_array_equal(values(tensors["token_embd.weight"]), base.token_embedding.weight.detach().numpy())
+        np.testing.assert_array_equal(values(tensors["token_embd.weight"]),
+                                      base.token_embedding.weight.detach().numpy())
         np.testing.assert_array_equal(values(tensors["blk.1.attn_qkv.weight"]),
                                       base.blocks[1].attn.qkv_projection.weight.detach().numpy())
         if own_output:

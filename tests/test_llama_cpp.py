@@ -37,7 +37,8 @@ except ImportError:
                 allow_module_level=True)
 
 PROMPT = "ROMEO:\nWhat say you, Juliet? The 3rd hour comes, and with it the night.\n"
-TOKENIZER_TEXTS = [PROMPT, "  two spaces,\ttabs\nand 'quotes' don't", "naïve café — 東京 🙂", "1234567 + 89 = ?",
+TOKENIZER_TEXTS = [PROMPT, "  two spaces,\ttabs\nand 'quotes' don't", "naïve café — 東京 🙂",
+                   "1234567 + 89 = ?",
                    "<|endoftext|> as text", ""]
 GREEDY_TOKENS = 30
 _gelu = F.gelu

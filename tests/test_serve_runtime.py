@@ -128,7 +128,8 @@ def _stream(url, model, n, first_token: threading.Event, out: dict):
 def test_a_stream_finishes_on_the_version_it_started_with(runtime, world):
     url, engine = runtime
     _, adapters, singles = world
-    assert post(url, "/v1/load_lora_adapter", {"lora_name": "v", "lora_path": str(adapters / "poems")}).status_code == 200
+    r = post(url, "/v1/load_lora_adapter", {"lora_name": "v", "lora_path": str(adapters / "poems")})
+    assert r.status_code == 200
     started, out = threading.Event(), {}
     streaming = threading.Thread(target=_stream, args=(url, "v", 150, started, out))
     streaming.start()

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -67,12 +66,43 @@ def needs_own_output(model: GPT2) -> bool:
     return model.tied and any(isinstance(m, lora_layers.AdapterLayer) for m in (model.token_embedding, model.lm_head))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Written:
     path: Path
-    tensors: int
-    bytes: int
-    types: dict[str, int]  # GGML type name -> how many tensors have it
+    tensors: int = 0
+    bytes: int = 0
+    types: dict[str, int] = field(default_factory=dict)  # GGML type name -> how many tensors have it
+
+
+@dataclass
+class _File:
+    """A GGUF file being written: its writer, the gguf module, and what went into it."""
+
+    writer: Any
+    gguf: Any
+    wanted: Any
+    written: Written
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        qtype = _add(self.writer, self.gguf, name, tensor, self.wanted)
+        self.written.types[qtype] = self.written.types.get(qtype, 0) + 1
+        self.written.tensors += 1
+
+
+@contextlib.contextmanager
+def _gguf_file(out: Path, gguf_type: str, kind: str, name: str) -> Iterator[_File]:
+    """A GGUF file on a temporary beside `out`, tensors packed as `gguf_type` asks; it replaces
+    `out`, whole, when the block ends without error (and `written.bytes` is then its size)."""
+    gguf = require_gguf()
+    check_type(gguf_type)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "gpt2")
+        writer.add_type(kind)
+        writer.add_name(name)
+        writer.add_string(WRITTEN_BY_KEY, "lora-gpt2")
+        file = _File(writer, gguf, gguf.GGMLQuantizationType[gguf_type.upper()], Written(out))
+        yield file
+        file.written.bytes = _finish(writer)
 
 
 def write_model(model: GPT2, out: Path, gguf_type: str, *, merged: bool = True,
@@ -81,17 +111,11 @@ def write_model(model: GPT2, out: Path, gguf_type: str, *, merged: bool = True,
 
     `own_output` writes lm_head as `output.weight` even when it is tied to the token embedding.
     """
-    gguf = require_gguf()
-    check_type(gguf_type)
     check_model(model.config)
-    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
     config = model.config
     with merged_parameters(model) if merged else _frozen_parameters(model) as (params, tied):
-        with atomic_path(out) as tmp:
-            writer = gguf.GGUFWriter(tmp, "gpt2")
-            writer.add_type(gguf.GGUFType.MODEL)
-            writer.add_name(name or "GPT-2")
-            writer.add_string(WRITTEN_BY_KEY, "lora-gpt2")
+        with _gguf_file(out, gguf_type, "model", name or "GPT-2") as file:
+            writer, gguf = file.writer, file.gguf
             writer.add_context_length(config.n_positions)
             writer.add_embedding_length(config.n_embd)
             writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
@@ -101,23 +125,19 @@ def write_model(model: GPT2, out: Path, gguf_type: str, *, merged: bool = True,
             writer.add_file_type(GGUF_TYPES[gguf_type])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _add_tokenizer(writer, gguf, config.vocab_size)
-            types: Counter = Counter()
             for module in layout.MODULES:
                 if module.ours == "lm_head" and tied and not own_output:
                     continue  # llama.cpp reads a missing output.weight as the token embedding
                 for ours, theirs in layout.gguf_paths(module, config.n_layer):
                     for tensor in module.tensors:
-                        types[_add(writer, gguf, f"{theirs}.{tensor}", params[f"{ours}.{tensor}"], wanted)] += 1
-            size = _finish(writer)
-    return Written(out, sum(types.values()), size, dict(types))
+                        file.add(f"{theirs}.{tensor}", params[f"{ours}.{tensor}"])
+    return file.written
 
 
 def write_lora(model: GPT2, out: Path, gguf_type: str, *, name: str = "") -> Written:
     """Write the model's adapter alone in llama.cpp's LoRA GGUF format (`--lora FILE`)."""
-    gguf = require_gguf()
     check_type(gguf_type)
     check_model(model.config)
-    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
     pairs = list(_lora_pairs(model))
     if not pairs:
         raise ValueError("the model carries no adapter to write as a LoRA GGUF")
@@ -126,20 +146,14 @@ def write_lora(model: GPT2, out: Path, gguf_type: str, *, name: str = "") -> Wri
     if len(scalings) != 1 or len(ranks) != 1:
         raise ValueError("llama.cpp's LoRA GGUF holds one alpha / r for the whole adapter; "
                          "this adapter has several: export it merged with --format gguf")
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, "gpt2")
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(name or "GPT-2 LoRA")
-        writer.add_string(WRITTEN_BY_KEY, "lora-gpt2")
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    with _gguf_file(out, gguf_type, "adapter", name or "GPT-2 LoRA") as file:
+        file.writer.add_string(file.gguf.Keys.Adapter.TYPE, "lora")
         # llama.cpp scales by alpha / rank, with rank read off lora_b: alpha carries our scaling
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scalings.pop() * ranks.pop())
-        types: Counter = Counter()
+        file.writer.add_float32(file.gguf.Keys.Adapter.LORA_ALPHA, scalings.pop() * ranks.pop())
         for theirs, a, b, _ in pairs:
-            types[_add(writer, gguf, f"{theirs}.weight.lora_a", a, wanted)] += 1
-            types[_add(writer, gguf, f"{theirs}.weight.lora_b", b, wanted)] += 1
-        size = _finish(writer)
-    return Written(out, sum(types.values()), size, dict(types))
+            file.add(f"{theirs}.weight.lora_a", a)
+            file.add(f"{theirs}.weight.lora_b", b)
+    return file.written
 
 
 def _lora_pairs(model: GPT2):

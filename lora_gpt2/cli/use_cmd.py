@@ -179,10 +179,67 @@ def merge_cmd(
         f"load it with GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Export:
+    """What `export` was asked for; each format's writer takes what it needs."""
+
+    adapter: str
+    out: Path
+    format: str
+    gguf_type: str
+    base_only: bool
+    model: Optional[str]
+    force: bool
+
+
+def _export_peft(e: _Export) -> None:
+    from ..checkpoints.reading import read_adapter
+    from ..checkpoints.outputs import PEFT_FILES, check_output_dir
+    from ..checkpoints.peft import export_peft
+
+    if e.base_only or e.model is not None:
+        raise ValueError("--base-only and --model apply to the gguf formats, not to --format peft")
+    check_output_dir(e.out, PEFT_FILES, e.force)
+    info = read_adapter(e.adapter)  # checked against its sha256, like every other reader
+    if info.kind != "lora-gpt2":
+        raise ValueError(f"{e.adapter} is already a PEFT adapter")
+    n_layer = int((info.meta.get("base_config") or {}).get("n_layer", 0))
+    export_peft(info.tensors, info.lora, n_layer, info.base_model, e.out)
+    say(f"wrote {e.out} (adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained")
+
+
+def _export_gguf(e: _Export) -> None:
+    from ..checkpoints import gguf_file
+    from ..checkpoints.outputs import check_output_file
+
+    gguf_file.check_type(e.gguf_type)
+    gguf_file.require_gguf()
+    if e.base_only and e.format != "gguf":
+        raise ValueError("--base-only writes a model: use it with --format gguf")
+    check_output_file(e.out, e.force)
+    net, _ = _load(e.adapter, e.model, "float32", "cpu", e.force)
+    start = time.perf_counter()
+    name = Path(e.adapter).name
+    if e.format == "gguf-lora":
+        written = gguf_file.write_lora(net, e.out, e.gguf_type, name=name)
+        base_cmd = f"lora-gpt2 export --format gguf --base-only {e.adapter} BASE.gguf"
+        use = f"apply it to the base from `{base_cmd}`: llama-cli -m BASE.gguf --lora {e.out}"
+    else:
+        own_output = e.base_only and gguf_file.needs_own_output(net)
+        written = gguf_file.write_model(net, e.out, e.gguf_type, merged=not e.base_only, own_output=own_output,
+                                        name=name if not e.base_only else net.base.source)
+        use = f"run it with: llama-cli -m {e.out}"
+    types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(written.types.items()))
+    size = f"{written.bytes / 1e6:.1f} MB" if written.bytes >= 1e6 else f"{written.bytes / 1e3:.1f} kB"
+    say(f"wrote {e.out} ({written.tensors} tensors: {types}; {size}) "
+        f"in {time.perf_counter() - start:.1f}s; {use}")
+
+
+# --format NAME -> (what it writes, its writer): a new format is one function and one row
 EXPORT_FORMATS = {
-    "peft": "adapter_config.json + adapter_model.safetensors, for peft.PeftModel",
-    "gguf": "the merged model as one file, for llama.cpp",
-    "gguf-lora": "the adapter alone, for llama.cpp's --lora",
+    "peft": ("adapter_config.json + adapter_model.safetensors, for peft.PeftModel", _export_peft),
+    "gguf": ("the merged model as one file, for llama.cpp", _export_gguf),
+    "gguf-lora": ("the adapter alone, for llama.cpp's --lora", _export_gguf),
 }
 
 
@@ -190,7 +247,8 @@ EXPORT_FORMATS = {
 def export_cmd(
     adapter: str = typer.Argument(..., help="Run directory or adapter folder."),
     out: Path = typer.Argument(..., help="Folder (peft) or file (gguf, gguf-lora) to write."),
-    format: str = Opt("peft", "--format", help="; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()) + "."),
+    format: str = Opt("peft", "--format",
+                      help="; ".join(f"{k}: {what}" for k, (what, _) in EXPORT_FORMATS.items()) + "."),
     gguf_type: str = Opt("f16", "--gguf-type", help="GGUF weights: f32, f16, bf16 or q8_0 (norms, biases and "
                                                     "the position embedding stay f32)."),
     base_only: bool = Opt(False, "--base-only", help="gguf: the adapter's base model alone, the file its "
@@ -202,51 +260,4 @@ def export_cmd(
     """Export for another tool: PEFT, or GGUF for llama.cpp (merged, base alone, or LoRA alone)."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
-    if format == "peft":
-        if base_only or model is not None:
-            raise ValueError("--base-only and --model apply to the gguf formats, not to --format peft")
-        _export_peft(adapter, out, force)
-    else:
-        _export_gguf(adapter, out, format, gguf_type, base_only, model, force)
-
-
-def _export_peft(adapter: str, out_dir: Path, force: bool) -> None:
-    from ..checkpoints.reading import read_adapter
-    from ..checkpoints.outputs import PEFT_FILES, check_output_dir
-    from ..checkpoints.peft import export_peft
-
-    check_output_dir(out_dir, PEFT_FILES, force)
-    info = read_adapter(adapter)  # checked against its sha256, like every other reader
-    if info.kind != "lora-gpt2":
-        raise ValueError(f"{adapter} is already a PEFT adapter")
-    n_layer = int((info.meta.get("base_config") or {}).get("n_layer", 0))
-    export_peft(info.tensors, info.lora, n_layer, info.base_model, out_dir)
-    say(f"wrote {out_dir} (adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained")
-
-
-def _export_gguf(adapter: str, out: Path, format: str, gguf_type: str, base_only: bool,
-                 model: Optional[str], force: bool) -> None:
-    from ..checkpoints import gguf_file
-    from ..checkpoints.outputs import check_output_file
-
-    gguf_file.check_type(gguf_type)
-    gguf_file.require_gguf()
-    if base_only and format != "gguf":
-        raise ValueError("--base-only writes a model: use it with --format gguf")
-    check_output_file(out, force)
-    net, _ = _load(adapter, model, "float32", "cpu", force)
-    start = time.perf_counter()
-    name = Path(adapter).name
-    if format == "gguf-lora":
-        written = gguf_file.write_lora(net, out, gguf_type, name=name)
-        base_cmd = f"lora-gpt2 export --format gguf --base-only {adapter} BASE.gguf"
-        use = f"apply it to the base from `{base_cmd}`: llama-cli -m BASE.gguf --lora {out}"
-    else:
-        own_output = base_only and gguf_file.needs_own_output(net)
-        written = gguf_file.write_model(net, out, gguf_type, merged=not base_only, own_output=own_output,
-                                        name=name if not base_only else net.base.source)
-        use = f"run it with: llama-cli -m {out}"
-    types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(written.types.items()))
-    size = f"{written.bytes / 1e6:.1f} MB" if written.bytes >= 1e6 else f"{written.bytes / 1e3:.1f} kB"
-    say(f"wrote {out} ({written.tensors} tensors: {types}; {size}) "
-        f"in {time.perf_counter() - start:.1f}s; {use}")
+    EXPORT_FORMATS[format][1](_Export(adapter, out, format, gguf_type, base_only, model, force))

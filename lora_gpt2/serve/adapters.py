@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..checkpoints.reading import Adapter
 from ..inference.bank import AdapterBank
@@ -112,11 +112,6 @@ class ServedAdapters:
                 self.bank.remove(served.key)
         self.retired = still
 
-    def mark(self, name: str, **changes) -> None:
-        """Update what is reported about a served name (not its tensors)."""
-        if name in self.current:
-            self.current = {**self.current, name: replace(self.current[name], **changes)}
-
 
 def _step(adapter: Adapter) -> int | None:
     step = adapter.meta.get("step")
@@ -125,4 +120,6 @@ def _step(adapter: Adapter) -> int | None:
 
 def _val_loss(adapter: Adapter) -> float | None:
     loss = adapter.meta.get("val_loss")
-    return float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) else None
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    return float(loss)
