@@ -37,12 +37,17 @@ def small_vocab_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+def cli(capsys, monkeypatch):
+    """Run the CLI in-process: returns (exit code, stdout, stderr); `input_text` is its stdin."""
+    import io
+    import sys
+
     from lora_gpt2.cli import main
 
-    def run(*args: str):
+    def run(*args: str, input_text: str | None = None):
         capsys.readouterr()
+        if input_text is not None:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(input_text.encode()), encoding="utf-8"))
         try:
             main([str(a) for a in args])
             code = 0

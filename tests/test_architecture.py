@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_gpt2"
-BASE = {"errors", "atomic", "tokenizer", "layout", "config", "devices", "runs", "allocator"}
+BASE = {"errors", "atomic", "tokenizer", "chat_template", "layout", "config", "devices", "runs", "allocator"}
 FRONT = {"__init__", "__main__"}  # `import lora_gpt2` (lazy load_pretrained), `python -m lora_gpt2`
 # each part and the parts it may import (besides the base modules, which import only each other)
 MAY_IMPORT = {

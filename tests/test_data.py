@@ -76,8 +76,10 @@ def test_bins_that_disagree_with_meta_are_detected(tmp_path):
 def test_chunked_encoding_equals_whole_encoding(monkeypatch):
     text = SAMPLE_TEXT * 3 + "  trailing \n\n  spaces\n x"
     whole = tokenizer.encode(text)
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 97)
-    assert prep.encode_chunked(text).tolist() == whole
+    from lora_gpt2.data import encoding
+
+    monkeypatch.setattr(encoding, "CHUNK_CHARS", 97)
+    assert encoding.encode_chunked(text).tolist() == whole
 
 
 def test_train_batches_are_a_function_of_seed_and_step(tmp_path):

@@ -26,14 +26,31 @@ def qa(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def talk(tmp_path_factory):
+    """Conversations of 1 to 4 exchanges, some with a system message and weight-0 answers."""
+    from test_chat_data import conversations
+
+    rows = conversations(64)
+    for i, row in enumerate(rows):
+        if i % 5 == 0 and len(row["messages"]) > 3:
+            next(m for m in row["messages"] if m["role"] == "assistant")["weight"] = 0
+    folder = tmp_path_factory.mktemp("talk")
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:56]))
+    (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[56:]))
+    return folder
+
+
 def records(out):
     """metrics.jsonl without its timings."""
     return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_step_with_grad_accum_4_equals_one_step_on_the_4x_batch(tiny_checkpoint, qa, tmp_path):
+@pytest.mark.parametrize("data", ["qa", "talk"])
+def test_one_step_with_grad_accum_4_equals_one_step_on_the_4x_batch(tiny_checkpoint, data, request, tmp_path):
     path, _ = tiny_checkpoint
+    qa = request.getfixturevalue(data)
     common = dict(max_steps=1, eval_interval=1, warmup_steps=0, targets=("attn", "lm_head"), block_size=24,
                   eval_batches=8)  # every val example, whichever the batch size
     train(train_config(path, qa, tmp_path / "accum", batch_size=2, grad_accum=4, **common))
@@ -145,7 +162,9 @@ def test_generate_stops_at_eot_by_default_only_for_example_data():
 
 
 @pytest.mark.slow
-def test_ddp_with_masks_equals_one_process(tiny_checkpoint, qa, tmp_path):
+@pytest.mark.parametrize("data", ["qa", "talk"])
+def test_ddp_with_masks_equals_one_process(tiny_checkpoint, data, request, tmp_path):
+    qa = request.getfixturevalue(data)
     common = ["--model", tiny_checkpoint[0], "--data", qa, "--targets", "attn", "--rank", "4", "--block-size", "24",
               "--max-steps", "3", "--eval-interval", "3", "--grad-accum", "2", "--dtype", "float32",
               "--device", "cpu", "--dropout", "0", "--warmup-steps", "0"]

@@ -143,3 +143,37 @@ def test_a_watched_run_shows_its_step_and_reload_shows_the_next(browser, world, 
             page.close()
     finally:
         engine.stop()
+
+
+def test_chat_mode_keeps_each_columns_conversation_and_equals_the_chat_api(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(server[0] + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelectorAll('.column select').length === 3 && "
+                           "document.querySelector('.column select').options.length === 3")
+    page.select_option("#mode", "chat")
+    assert page.is_visible("#system") and page.text_content("#go") == "Send"
+    page.fill("#system", "Be brief.")
+    page.fill("#max_tokens", "8")
+    page.fill("#temperature", "0")
+    client = httpx.Client(base_url=server[0], headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    histories = {name: [{"role": "system", "content": "Be brief."}] for name in ("tiny-base", "poems", "plays")}
+    for n, message in enumerate(["Who goes there?", "Speak again."], start=1):
+        page.fill("#prompt", message)
+        page.click("#go")
+        page.wait_for_function(f"document.body.dataset.finished === '{n}'", timeout=60_000)
+        assert page.input_value("#prompt") == ""  # sent: the box is empty for the next message
+        texts = page.eval_on_selector_all(".column pre .text", "t => t.map(x => x.textContent)")
+        footers = page.eval_on_selector_all(".column footer", "f => f.map(x => x.textContent)")
+        shown = page.eval_on_selector_all(".column pre", "p => p.map(x => x.querySelectorAll('.turn').length)")
+        for (name, history), text, footer, turns in zip(histories.items(), texts, footers, shown):
+            history.append({"role": "user", "content": message})
+            api = client.post("/v1/chat/completions", json={"model": name, "messages": history, "max_tokens": 8,
+                                                            "temperature": 0}).json()["choices"][0]
+            assert text == api["message"]["content"] and f"{name} · 8 tokens" in footer
+            history.append({"role": "assistant", "content": text})
+            assert turns == 2 * n - 1  # the turns before, and the message just sent
+    page.click("#clear")
+    assert page.eval_on_selector_all(".column pre .turn", "t => t.length") == 0
+    page.close()

@@ -169,7 +169,8 @@ OTHER = {"model": "gpt2-medium", "targets": "attn,lm_head", "dtype": "bfloat16",
          "layers": "2", "data": "elsewhere", "text_column": "body", "prompt_column": "q", "completion_column": "a",
          "optimizer": "adam", "out": "out/other", "device": "cpu", "log": "wandb", "alpha": 4.0, "dropout": 0.25,
          "lr": 0.002, "weight_decay": 0.125, "beta1": 0.5, "beta2": 0.75, "min_lr_ratio": 0.5, "grad_clip": 2.0,
-         "lora_plus_ratio": 4.0, "epochs": 1.5, "save_interval_minutes": 2.5}
+         "lora_plus_ratio": 4.0, "epochs": 1.5, "save_interval_minutes": 2.5, "chat_template": "chatml.jinja",
+         "train_on": "all"}
 
 
 def test_every_declared_setting_is_a_flag_a_toml_key_and_a_resume_rule(tmp_path, cli, monkeypatch):
@@ -198,8 +199,8 @@ def test_every_declared_setting_is_a_flag_a_toml_key_and_a_resume_rule(tmp_path,
         assert written != default, name
     fixed = {name for section, name in tc.FIXED_ON_RESUME}
     assert fixed == {"model", "targets", "rank", "alpha", "rslora", "layers", "variant", "init", "data", "block_size",
-                     "text_column", "prompt_column", "completion_column", "mask_prompt", "optimizer",
-                     "lora_plus_ratio"}
+                     "text_column", "prompt_column", "completion_column", "mask_prompt", "chat_template", "train_on",
+                     "optimizer", "lora_plus_ratio"}
 
 
 def test_resume_is_one_setting_read_one_way(tiny_checkpoint, text_data, tmp_path, cli):

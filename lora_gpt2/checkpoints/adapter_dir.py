@@ -28,7 +28,8 @@ import torch
 from .. import __version__
 from ..atomic import TMP_MARK, atomic_open, fsync_dir, write_bytes, write_text
 from ..config import LoRAConfig, ModelConfig
-from ..errors import CheckpointError, WriteError
+from .. import chat_template
+from ..errors import CheckpointError, DataError, WriteError
 from ..runs import CHECKPOINTS
 from ..adapters import variants
 from ..adapters.lora import saved_tensors, start_adapters
@@ -55,6 +56,7 @@ class EvalRecord:
     data_kind: str | None = None
     data_sha256: str | None = None
     mask_prompt: bool | None = None
+    train_on: str | None = None
     text_column: str | None = None
     prompt_column: str | None = None
     completion_column: str | None = None
@@ -199,6 +201,11 @@ def parse_meta(raw: bytes, meta_path: Path) -> AdapterInfo:
         value = (settings or {}).get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise CheckpointError(f"{meta_path}: eval.{key} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    if "chat_template" in meta:
+        try:
+            chat_template.from_record(meta["chat_template"], str(meta_path))
+        except DataError as exc:
+            raise CheckpointError(str(exc)) from None
     return AdapterInfo(meta_path.parent, meta.get("base_model") or "", meta.get("base_fingerprint"), cfg, meta)
 
 

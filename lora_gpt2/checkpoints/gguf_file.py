@@ -106,10 +106,12 @@ def _gguf_file(out: Path, gguf_type: str, kind: str, name: str) -> Iterator[_Fil
 
 
 def write_model(model: GPT2, out: Path, gguf_type: str, *, merged: bool = True,
-                own_output: bool = False, name: str = "") -> Written:
+                own_output: bool = False, name: str = "", chat_template: str | None = None) -> Written:
     """Write the model as one GGUF file: with the adapter folded in (`merged`), or its base alone.
 
-    `own_output` writes lm_head as `output.weight` even when it is tied to the token embedding.
+    `own_output` writes lm_head as `output.weight` even when it is tied to the token embedding;
+    `chat_template` (a chat-trained adapter's) goes in as `tokenizer.chat_template`, which
+    llama.cpp's server renders conversations with (`--jinja`).
     """
     check_model(model.config)
     config = model.config
@@ -125,6 +127,8 @@ def write_model(model: GPT2, out: Path, gguf_type: str, *, merged: bool = True,
             writer.add_file_type(GGUF_TYPES[gguf_type])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _add_tokenizer(writer, gguf, config.vocab_size)
+            if chat_template is not None:
+                writer.add_chat_template(chat_template)
             for module in layout.MODULES:
                 if module.ours == "lm_head" and tied and not own_output:
                     continue  # llama.cpp reads a missing output.weight as the token embedding

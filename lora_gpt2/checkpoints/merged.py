@@ -18,7 +18,7 @@ import torch
 from ..atomic import write_bytes, write_text
 from ..errors import CheckpointError
 from ..model.gpt2 import GPT2
-from ..tokenizer import ASSETS
+from ..tokenizer import ASSETS, EOT_TOKEN
 from .hf import LM_HEAD, hf_key_map, is_transposed
 from .outputs import WRITTEN_BY
 
@@ -49,7 +49,19 @@ def merged_state_dict(model: GPT2) -> tuple[dict[str, torch.Tensor], bool]:
         return state, tied
 
 
-def write_merged(model: GPT2, out_dir: Path) -> Path:
+def write_tokenizer(out_dir: Path, context: int, template=None) -> None:
+    """GPT-2's tokenizer under the names transformers looks for, and a chat-trained adapter's
+    template as the tokenizer's `chat_template`, so `apply_chat_template` renders as training did."""
+    shutil.copyfile(ASSETS / "encoder.json", out_dir / "vocab.json")
+    shutil.copyfile(ASSETS / "vocab.bpe", out_dir / "merges.txt")
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN,
+              "unk_token": EOT_TOKEN, "add_prefix_space": False, "model_max_length": context}
+    if template is not None:
+        config["chat_template"] = template.text
+    write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def write_merged(model: GPT2, out_dir: Path, template=None) -> Path:
     """Write config.json, model.safetensors and the tokenizer files into `out_dir`."""
     from safetensors.torch import save
 
@@ -63,7 +75,5 @@ def write_merged(model: GPT2, out_dir: Path) -> Path:
     config["architectures"] = ["GPT2LMHeadModel"]
     write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt", **WRITTEN_BY}))
     write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    # the tokenizer under the names transformers looks for, so the folder is complete
-    shutil.copyfile(ASSETS / "encoder.json", out_dir / "vocab.json")
-    shutil.copyfile(ASSETS / "vocab.bpe", out_dir / "merges.txt")
+    write_tokenizer(out_dir, model.config.n_positions, template)  # so the folder is complete
     return out_dir

@@ -9,8 +9,9 @@ from pathlib import Path
 from ..runs import CHECKPOINTS
 from .adapter_dir import META_FILE, PREVIOUS
 
-MERGED_FILES = frozenset({"config.json", "model.safetensors", "vocab.json", "merges.txt"})
-PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+TOKENIZER_FILES = frozenset({"vocab.json", "merges.txt", "tokenizer_config.json"})
+MERGED_FILES = frozenset({"config.json", "model.safetensors"}) | TOKENIZER_FILES
+PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"}) | TOKENIZER_FILES
 # what `merge` and `export` write into their weights file's safetensors metadata: an earlier
 # output is recognised by this, not by file names another tool uses too
 WRITTEN_BY = {"written_by": "lora-gpt2"}

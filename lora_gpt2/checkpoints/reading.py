@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import adapter_dir, peft
+from ..chat_template import TOKENIZER_CONFIG, ChatTemplate, from_record, load
 from ..adapters.lora import start_adapters
 from ..config import LoRAConfig
 from ..devices import pick_device, resolve_dtype
@@ -32,6 +33,17 @@ class Adapter:
     @property
     def eval_settings(self) -> dict:
         return self.meta.get("eval") or {}
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The template the adapter was trained with (adapter.json's, or a PEFT folder's
+        tokenizer_config.json's), else the default one."""
+        if "chat_template" in self.meta:
+            return from_record(self.meta["chat_template"], str(self.path / adapter_dir.META_FILE))
+        config = self.path / TOKENIZER_CONFIG
+        if self.kind == "peft" and config.is_file():
+            return load(config)
+        return ChatTemplate()
 
 
 def read_adapter(path: str | Path) -> Adapter:

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from . import data_cmd, serve_cmd, train_cmd, use_cmd  # noqa: F401  (they register their commands)
+from . import chat_cmd, data_cmd, serve_cmd, train_cmd, use_cmd  # noqa: F401  (they register their commands)
 from .app import app
 from .output import error_line
 from .signals import ExitOnSignals, StoppedAtOnce, Terminated

@@ -84,6 +84,9 @@ def generate_cmd(
     dtype: str = Opt("auto", help=DTYPE_HELP),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     json_out: bool = Opt(False, "--json", help="One JSON object per sample instead of streamed text."),
+    chat: bool = Opt(False, "--chat", help="Answer the prompt as a user's message, rendered by the adapter's chat "
+                                           "template; a sample ends with the assistant's turn."),
+    system: Optional[str] = Opt(None, help="--chat: a system message before the prompt."),
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
     """Sample text from the base model + adapter, streamed to stdout as it is generated."""
@@ -95,20 +98,28 @@ def generate_cmd(
         raise ValueError(f"seed must be in [0, 2**63 - num_samples], got {seed}")
     # checked before the model loads, which takes seconds for the larger GPT-2s
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    if system is not None and not chat:
+        raise ValueError("--system is for --chat")
     text = _read_prompt(prompt, prompt_file)
     net, info = _load(adapter, model, dtype, device, force)
-    if stops_at_eot(stop_at_eot, info):
+    if stops_at_eot(stop_at_eot, info) or (chat and stop_at_eot is None):
         cfg = dataclasses.replace(cfg, stop_token=tokenizer.EOT_ID)
+    ids: str | list[int] = text
+    if chat:
+        from ..chat_template import ChatTemplate
+
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        ids = (info.chat_template if info else ChatTemplate()).prompt(messages + [{"role": "user", "content": text}])
     session = GenerationSession(net)
     total_tokens, start = 0, time.perf_counter()
-    streams = session.stream_samples(text, cfg, [seed + i for i in range(num_samples)], batch_size)
+    streams = session.stream_samples(ids, cfg, [seed + i for i in range(num_samples)], batch_size)
     for index, stream in enumerate(streams):
         if json_out:
             completion = "".join(stream)
             print(json.dumps({"sample": index, "prompt": text, "completion": completion, "seed": seed + index,
                               "tokens": len(stream.tokens), "finish_reason": stream.finish_reason}))
         else:
-            sys.stdout.write(text)
+            sys.stdout.write("" if chat else text)  # a chat answer is the reply alone
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -131,6 +142,8 @@ def eval_cmd(
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     mask_prompt: Optional[bool] = Opt(None, "--mask-prompt/--no-mask-prompt",
                                       help="Count only completions (default: the run's; on for prompt/completion)."),
+    train_on: Optional[str] = Opt(None, help="Chat data: count the assistant's turns (assistant) or every token "
+                                             "(all); default: the run's, else assistant."),
     text_column: Optional[str] = Opt(None, help="CSV: the column of texts (default: the run's, or 'text')."),
     prompt_column: Optional[str] = Opt(None, help="CSV: the prompt column (default: the run's, or 'prompt')."),
     completion_column: Optional[str] = Opt(None, help="CSV: the completion column (default: 'completion')."),
@@ -144,8 +157,9 @@ def eval_cmd(
     net, info = _load(adapter, model, dtype, device, force)
     settings = resolve_settings(info.eval_settings if info else {}, net.config.n_positions, data=data,
                                 block_size=block_size, batch_size=batch_size, eval_batches=eval_batches,
-                                mask_prompt=mask_prompt, text_column=text_column, prompt_column=prompt_column,
-                                completion_column=completion_column)
+                                mask_prompt=mask_prompt, train_on=train_on, text_column=text_column,
+                                prompt_column=prompt_column, completion_column=completion_column,
+                                chat_template=info.chat_template.text if info else None)
     report = compare(net, settings, with_adapter=info is not None).to_dict()
     if json_out:
         print(json.dumps(report, allow_nan=False))
@@ -173,9 +187,9 @@ def merge_cmd(
     from ..checkpoints.outputs import MERGED_FILES, check_output_dir
 
     check_output_dir(out_dir, MERGED_FILES, force)
-    net, _ = _load(adapter, model, "float32", "cpu", force)
-    write_merged(net, out_dir)
-    say(f"wrote {out_dir} (config.json, model.safetensors, vocab.json, merges.txt); "
+    net, info = _load(adapter, model, "float32", "cpu", force)
+    write_merged(net, out_dir, _recorded_template(info))
+    say(f"wrote {out_dir} (config.json, model.safetensors, tokenizer files{_with_template(info)}); "
         f"load it with GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
 
 
@@ -192,6 +206,15 @@ class _Export:
     force: bool
 
 
+def _recorded_template(info):
+    """A chat-trained adapter's template (None for others: they have none to carry)."""
+    return info.chat_template if info is not None and "chat_template" in info.meta else None
+
+
+def _with_template(info) -> str:
+    return " with its chat template" if _recorded_template(info) is not None else ""
+
+
 def _export_peft(e: _Export) -> None:
     from ..checkpoints.reading import read_adapter
     from ..checkpoints.outputs import PEFT_FILES, check_output_dir
@@ -205,7 +228,13 @@ def _export_peft(e: _Export) -> None:
         raise ValueError(f"{e.adapter} is already a PEFT adapter")
     n_layer = int((info.meta.get("base_config") or {}).get("n_layer", 0))
     export_peft(info.tensors, info.lora, n_layer, info.base_model, e.out)
-    say(f"wrote {e.out} (adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained")
+    template = _recorded_template(info)
+    if template is not None:  # the tokenizer beside it: AutoTokenizer.from_pretrained(OUT) renders chats alike
+        from ..checkpoints.merged import write_tokenizer
+
+        write_tokenizer(e.out, int((info.meta.get("base_config") or {}).get("n_positions", 1024)), template)
+    say(f"wrote {e.out} (adapter_config.json, adapter_model.safetensors{_with_template(info)}) "
+        "for peft.PeftModel.from_pretrained")
 
 
 def _export_gguf(e: _Export) -> None:
@@ -217,7 +246,7 @@ def _export_gguf(e: _Export) -> None:
     if e.base_only and e.format != "gguf":
         raise ValueError("--base-only writes a model: use it with --format gguf")
     check_output_file(e.out, e.force)
-    net, _ = _load(e.adapter, e.model, "float32", "cpu", e.force)
+    net, info = _load(e.adapter, e.model, "float32", "cpu", e.force)
     start = time.perf_counter()
     name = Path(e.adapter).name
     if e.format == "gguf-lora":
@@ -226,8 +255,10 @@ def _export_gguf(e: _Export) -> None:
         use = f"apply it to the base from `{base_cmd}`: llama-cli -m BASE.gguf --lora {e.out}"
     else:
         own_output = e.base_only and gguf_file.needs_own_output(net)
+        template = _recorded_template(info)
         written = gguf_file.write_model(net, e.out, e.gguf_type, merged=not e.base_only, own_output=own_output,
-                                        name=name if not e.base_only else net.base.source)
+                                        name=name if not e.base_only else net.base.source,
+                                        chat_template=None if e.base_only or template is None else template.text)
         use = f"run it with: llama-cli -m {e.out}"
     types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(written.types.items()))
     size = f"{written.bytes / 1e6:.1f} MB" if written.bytes >= 1e6 else f"{written.bytes / 1e3:.1f} kB"

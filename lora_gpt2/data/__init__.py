@@ -32,12 +32,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def mask_prompt_for(prepared: Prepared, mask_prompt: bool | None) -> bool:
-    """--mask-prompt is on by default for prompt/completion data, and means nothing elsewhere."""
+def mask_prompt_for(prepared: Prepared, mask_prompt: bool | None, train_on: str | None = None) -> bool:
+    """Whether the loss counts only part of each example: the completion (--mask-prompt, on by
+    default for prompt/completion data) or the assistant's turns (--train-on assistant, the
+    default for chat data). Each flag means nothing for other data."""
+    if prepared.chat:
+        from .formats import TRAIN_ON
+
+        if train_on is not None and train_on not in TRAIN_ON:
+            raise ValueError(f"--train-on must be one of {', '.join(TRAIN_ON)}; got {train_on!r}")
+        if mask_prompt is not None:
+            raise ValueError(f"--mask-prompt is for prompt/completion data; {prepared.source.path} is chat data: "
+                             "use --train-on assistant or all")
+        return train_on != "all"
+    if train_on is not None:
+        raise ValueError(f"--train-on is for chat data; {prepared.source.path} is {prepared.kind} data")
     prompted = prepared.kind == "prompt/completion"
     if mask_prompt and not prompted:
         raise ValueError(f"--mask-prompt needs prompt/completion data; {prepared.source.path} is {prepared.kind} data")
     return prompted if mask_prompt is None else mask_prompt
+
+
+def _marks(prepared: Prepared, split: str):
+    import numpy as np
+
+    path = prepared.mask_path(split)
+    return np.memmap(path, dtype=np.uint8, mode="r") if prepared.chat and path.stat().st_size else None
 
 
 def train_batches(prepared: Prepared, *, batch_size: int, block_size: int, seed: int, mask_prompt: bool,
@@ -51,7 +71,7 @@ def train_batches(prepared: Prepared, *, batch_size: int, block_size: int, seed:
         return b.TrainBatches(tokens, batch_size, block_size, seed, rank, world_size, accum)
     kind = b.PackedBatches if packing else b.ExampleBatches
     return kind(tokens, b.open_index(prepared.index_path("train")), batch_size, block_size, seed,
-                mask_prompt, rank, world_size, accum)
+                mask_prompt, rank, world_size, accum, _marks(prepared, "train"))
 
 
 def eval_batches(prepared: Prepared, *, block_size: int, batch_size: int, max_batches: int, mask_prompt: bool,
@@ -63,4 +83,4 @@ def eval_batches(prepared: Prepared, *, block_size: int, batch_size: int, max_ba
     if prepared.layout == "stream":
         return b.eval_windows(tokens, block_size, batch_size, max_batches, split)
     return b.eval_examples(tokens, b.open_index(prepared.index_path(split)), block_size, batch_size, max_batches,
-                           mask_prompt)
+                           mask_prompt, _marks(prepared, split))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..chat_template import ASSISTANT, LEARN, MESSAGE, SYSTEM
 from ..errors import DataError
 from .prepare import INDEX_DTYPE, TOKEN_DTYPE
 
@@ -123,27 +124,86 @@ def _cut(length: np.ndarray, prompt: np.ndarray, window: int) -> tuple[np.ndarra
     return left, kept, prompt - left
 
 
-def counted_targets(index: np.ndarray, window: int, mask_prompt: bool) -> np.ndarray:
+def conversation_kept(marks: np.ndarray, window: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of a conversation's tokens kept in `window`: all of them when
+    they fit; else the fewest whole earliest messages are dropped, keeping the leading system
+    message if that still fits, and never the last assistant message or the one it answers.
+    When those two alone do not fit, the asking message loses its start (as a prompt does),
+    and an answer longer than the window loses its end."""
+    n = len(marks)
+    if n <= window:
+        return [(0, n)]
+    starts = np.flatnonzero(marks & MESSAGE)
+    answers = np.flatnonzero(marks & ASSISTANT)
+    last = int(answers[-1]) if len(answers) else n - 1
+    asked = int(starts[starts < last][-1]) if (starts < last).any() else last  # the message it answers
+    system = int(np.argmin((marks & SYSTEM) > 0)) if marks[0] & SYSTEM else 0  # its length
+    for keep in dict.fromkeys((system, 0)):
+        cuts = starts[(starts > keep) & (starts <= asked) & (keep + n - starts <= window)]
+        if len(cuts):
+            return ([(0, keep)] if keep else []) + [(int(cuts[0]), n)]
+    return [(n - window, n)] if n - last <= window else [(last, last + window)]
+
+
+def _conversation(tokens: np.ndarray, marks: np.ndarray, start: int, length: int, window: int,
+                  learn_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A conversation's kept ids, and which of its targets count (target j predicts id j+1)."""
+    own = np.asarray(marks[start : start + length])
+    kept = conversation_kept(own, window)
+    ids = np.concatenate([np.asarray(tokens[start + a : start + b], dtype=np.int64) for a, b in kept])
+    if not learn_only:
+        return ids, np.ones(len(ids) - 1, dtype=bool)
+    return ids, np.concatenate([own[a:b] for a, b in kept])[1:] & LEARN > 0
+
+
+def kept_lengths(index: np.ndarray, window: int, marks: np.ndarray | None = None) -> np.ndarray:
+    """How many tokens of each example row a window keeps."""
+    if marks is None:
+        return np.minimum(index[:, 2], window)
+    return np.array([sum(b - a for a, b in conversation_kept(np.asarray(marks[s : s + n]), window))
+                     for s, n in zip(index[:, 0].tolist(), index[:, 2].tolist())], dtype=np.int64)
+
+
+def _examples(tokens: np.ndarray, index: np.ndarray, window: int, mask_prompt: bool,
+              marks: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each example row's kept ids, and which of its targets count."""
+    if marks is not None:
+        return [_conversation(tokens, marks, s, n, window, mask_prompt)
+                for s, n in zip(index[:, 0].tolist(), index[:, 2].tolist())]
+    left, kept, prompt = _cut(index[:, 2], index[:, 1], window)
+    out = []
+    for start, drop, n, p in zip(index[:, 0], left, kept, prompt):
+        ids = np.asarray(tokens[start + drop : start + drop + n], dtype=np.int64)
+        learn = np.ones(n - 1, dtype=bool)
+        if mask_prompt and p > 1:
+            learn[: p - 1] = False
+        out.append((ids, learn))
+    return out
+
+
+def counted_targets(index: np.ndarray, window: int, mask_prompt: bool, marks: np.ndarray | None = None,
+                    tokens: np.ndarray | None = None) -> np.ndarray:
     """Counted targets of each example row: all kept-1 of them, less the prompt's when masked
-    (target j predicts token j+1, which is completion once j+1 >= the kept prompt)."""
+    (target j predicts token j+1, which is completion once j+1 >= the kept prompt); for a
+    conversation, its learned targets."""
+    if marks is not None:
+        return np.array([int(learn.sum()) for _, learn in _examples(tokens, index, window, mask_prompt, marks)],
+                        dtype=np.int64)
     _, kept, prompt = _cut(index[:, 2], index[:, 1], window)
     targets = kept - 1
     return targets - np.maximum(prompt - 1, 0) if mask_prompt else targets
 
 
-def example_rows(tokens: np.ndarray, index: np.ndarray, window: int, mask_prompt: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def example_rows(tokens: np.ndarray, index: np.ndarray, window: int, mask_prompt: bool,
+                 marks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, L) of whole examples, right-padded to the longest (L < window)."""
-    left, kept, prompt = _cut(index[:, 2], index[:, 1], window)
-    width = int(kept.max()) - 1
+    examples = _examples(tokens, index, window, mask_prompt, marks)
+    width = max(len(ids) for ids, _ in examples) - 1
     x = np.zeros((len(index), width), dtype=np.int64)
     y = np.full((len(index), width), IGNORE, dtype=np.int64)
-    for i, (start, drop, n, p) in enumerate(zip(index[:, 0], left, kept, prompt)):
-        ids = np.asarray(tokens[start + drop : start + drop + n], dtype=np.int64)
-        x[i, : n - 1] = ids[:-1]
-        y[i, : n - 1] = ids[1:]
-        if mask_prompt and p > 1:
-            y[i, : p - 1] = IGNORE
+    for i, (ids, learn) in enumerate(examples):
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, : len(ids) - 1] = np.where(learn, ids[1:], IGNORE)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -170,6 +230,7 @@ class ExampleBatches:
     rank: int = 0
     world_size: int = 1
     accum: int = 1  # micro-batches per step
+    marks: np.ndarray | None = None  # chat data: each token's marks (mask_prompt: learn only LEARN ones)
 
     def __post_init__(self) -> None:
         if len(self.index) == 0:
@@ -196,11 +257,17 @@ class ExampleBatches:
     def counted(self, step: int) -> int:
         """Targets counted in the whole step (all ranks, all micro-batches)."""
         ids = np.concatenate([self._ids(step, m) for m in range(self.accum)])
-        return int(counted_targets(self.index[ids], self.window, self.mask_prompt).sum())
+        return int(self._counted(self.index[ids]).sum())
+
+    def _counted(self, rows: np.ndarray) -> np.ndarray:
+        return counted_targets(rows, self.window, self.mask_prompt, self.marks, self.tokens)
+
+    def _rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return example_rows(self.tokens, rows, self.window, self.mask_prompt, self.marks)
 
     def get(self, step: int, micro: int = 0) -> Batch:
         ids = self._ids(step, micro)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return Batch(*example_rows(self.tokens, self.index[ids], self.window, self.mask_prompt))
+        return Batch(*self._rows(self.index[ids]))
 
     def epoch_rows(self) -> int:
         """Rows that make one pass over the train examples."""
@@ -209,6 +276,17 @@ class ExampleBatches:
     def truncated(self) -> int:
         """How many train examples are longer than a window (and lose tokens)."""
         return int((self.index[:, 2] > self.window).sum())
+
+    def dropped_messages(self) -> int:
+        """Chat data: how many whole messages the window drops from conversations, in all."""
+        dropped = 0
+        for start, n in self.index[self.index[:, 2] > self.window][:, [0, 2]].tolist():
+            own = np.asarray(self.marks[start : start + n])
+            kept = conversation_kept(own, self.window)
+            starts = np.flatnonzero(own & MESSAGE)
+            inside = sum(int(((starts >= a) & (starts < b)).sum()) for a, b in kept)
+            dropped += len(starts) - inside
+        return dropped
 
 
 class PackedBatches(ExampleBatches):
@@ -228,7 +306,7 @@ class PackedBatches(ExampleBatches):
             if len(self._plans) > 2:
                 self._plans.pop(min(self._plans))
             order = self._order(epoch)
-            _, kept, _ = _cut(self.index[order, 2], self.index[order, 1], self.window)
+            kept = kept_lengths(self.index[order], self.window, self.marks)
             rows: list[list[int]] = [[]]
             used = 0
             for example, targets in zip(order.tolist(), (kept - 1).tolist()):
@@ -258,12 +336,12 @@ class PackedBatches(ExampleBatches):
 
     def counted(self, step: int) -> int:
         ids = [i for m in range(self.accum) for row in self._step_rows(step, m) for i in row]
-        return int(counted_targets(self.index[ids], self.window, self.mask_prompt).sum())
+        return int(self._counted(self.index[ids]).sum())
 
     def get(self, step: int, micro: int = 0) -> Batch:
         rows = self._step_rows(step, micro)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        parts = [example_rows(self.tokens, self.index[row], self.window, self.mask_prompt) for row in rows]
-        lengths = [[int(n) for n in _cut(self.index[row, 2], self.index[row, 1], self.window)[1] - 1] for row in rows]
+        parts = [self._rows(self.index[row]) for row in rows]
+        lengths = [[int(n) - 1 for n in kept_lengths(self.index[row], self.window, self.marks)] for row in rows]
         width = max(sum(row) for row in lengths)
         x = torch.zeros((len(rows), width), dtype=torch.int64)
         y = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
@@ -281,11 +359,11 @@ class PackedBatches(ExampleBatches):
 
 
 def eval_examples(tokens: np.ndarray, index: np.ndarray, block_size: int, batch_size: int, max_batches: int,
-                  mask_prompt: bool):
+                  mask_prompt: bool, marks: np.ndarray | None = None):
     """Evenly spaced validation examples, batched in order: the same for every evaluation."""
     if len(index) == 0:
         raise DataError("the val split holds no examples; one evaluation needs at least one")
     count = min(len(index), batch_size * max_batches)
     ids = np.linspace(0, len(index) - 1, count).round().astype(np.int64) if count > 1 else np.zeros(1, np.int64)
-    return [example_rows(tokens, index[ids[i : i + batch_size]], block_size + 1, mask_prompt)
+    return [example_rows(tokens, index[ids[i : i + batch_size]], block_size + 1, mask_prompt, marks)
             for i in range(0, count, batch_size)]

@@ -2,14 +2,15 @@
 
 The kind is decided from the path (a file's suffix, a folder's contents) and, for JSONL and
 CSV, from the first line; every later line must follow it. A kind turns its files into
-`Example`s (prompt, completion); everything after that (tokens, splits, masks, batches) sees
-only examples. Errors name the file, the line and the key.
+`Example`s (prompt, completion, or a conversation's messages); everything after that (tokens,
+splits, masks, batches) sees only examples. Errors name the file, the line and the key.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import os
 import hashlib
 import json
@@ -21,27 +22,38 @@ from ..errors import DataError
 from .reading import bad_utf8_offset, hash_into, json_line, decode_utf8, readable
 
 TEXT_SUFFIXES = (".txt", ".md")
+TRAIN_ON = ("assistant", "all")  # chat data: what the loss counts
 SPLIT_FILES = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: `prompt + completion` (text examples have no prompt)."""
+    """One training example: `prompt + completion` (text examples have no prompt), or a
+    conversation (`messages`, checked; its tokens come from the chat template)."""
 
     prompt: str
     completion: str
+    messages: tuple = ()
+    where: str = ""  # the file and line, for errors found later (a template that fails to render)
 
 
 @dataclass(frozen=True)
 class Options:
-    """How to read a CSV; part of what a preparation depends on."""
+    """How to read a CSV, and the chat template of conversations (its text; None: the
+    default): part of what a preparation depends on."""
 
     text_column: str | None = None
     prompt_column: str | None = None
     completion_column: str | None = None
+    chat_template: str | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def template(self):
+        from ..chat_template import ChatTemplate
+
+        return ChatTemplate() if self.chat_template is None else ChatTemplate(self.chat_template, "the chat template")
 
     def tag(self) -> str:
         """'' for the default reading, else a short name of these columns: the prepared files of
@@ -107,6 +119,7 @@ class Kind:
     label = ""  # what an error message calls a line's format
     layout = "examples"
     prompted = False  # whether examples have a prompt to mask
+    chat = False  # whether examples are conversations, tokenized by the chat template
 
     def read(self, path: Path, options: Options) -> Iterator[Example]:
         raise NotImplementedError
@@ -164,10 +177,10 @@ class _Lines(Kind):
     def example(self, record, where: str) -> Example:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        other = JSONL_KINDS[1 - JSONL_KINDS.index(self)]
         missing = [k for k in self.keys if k not in record]
         if missing:
-            if all(k in record for k in other.keys):
+            other = next((k for k in JSONL_KINDS if k is not self and all(key in record for key in k.keys)), None)
+            if other is not None:
                 raise DataError(f"{where}: mixed formats: this line is {other.label} but the first line "
                                 f"set {self.label} ({', '.join(self.keys)})")
             raise DataError(f"{where}: no {missing[0]!r} key (the first line set the {self.label} format: "
@@ -195,7 +208,21 @@ class JsonlPromptCompletion(_Lines):
     name, label, keys, prompted = "prompt/completion", "prompt/completion", ("prompt", "completion"), True
 
 
-JSONL_KINDS: list[_Lines] = [JsonlText(), JsonlPromptCompletion()]
+class JsonlChat(_Lines):
+    """OpenAI's fine-tuning format: {"messages": [{"role", "content"}, ...]} per line."""
+
+    name, label, keys, chat = "chat", "chat", ("messages",), True
+
+    def example(self, record, where: str) -> Example:
+        from ..chat_template import message_list
+
+        if isinstance(record, dict) and "messages" in record:
+            return Example("", "", tuple(message_list(record["messages"], where, training=True)), where)
+        return super().example(record, where)
+
+
+# the order a first line is tried in: chat, then prompt/completion (it may also hold "text")
+JSONL_KINDS: list[_Lines] = [JsonlText(), JsonlPromptCompletion(), JsonlChat()]
 
 
 class _Csv(Kind):
@@ -257,11 +284,11 @@ def _jsonl_kind(path: Path) -> _Lines:
                 continue
             record = json_line(decode_utf8(line, str(path)), f"{path} line {number}")
             if isinstance(record, dict):
-                for kind in reversed(JSONL_KINDS):  # prompt/completion first: it may also hold "text"
+                for kind in reversed(JSONL_KINDS):
                     if all(k in record for k in kind.keys):
                         return kind
             raise DataError(f"{path} line {number}: expected an object with \"text\", or \"prompt\" and "
-                            f"\"completion\"; got {line[:60].decode('utf-8', 'replace')}")
+                            f"\"completion\", or \"messages\"; got {line[:60].decode('utf-8', 'replace')}")
     raise DataError(f"{path} holds no examples")
 
 
@@ -298,10 +325,18 @@ def located(data: str | Path) -> Path:
 
 def resolve(data: str | Path, options: Options = Options()) -> Source:
     """The Source a `--data` value names, or a DataError saying what is wrong with it."""
+    from ..chat_template import DEFAULT
+
     path = located(data)
-    if path.is_file():
-        return _file_source(path, options)
-    return _folder_source(path, options)
+    columns = dataclasses.replace(options, chat_template=None)
+    source = _file_source(path, columns) if path.is_file() else _folder_source(path, columns)
+    if options.chat_template is None or (options.chat_template == DEFAULT and source.kind.chat):
+        return source  # the default template's files keep their plain names
+    if not source.kind.chat:
+        raise DataError(f"--chat-template is for chat data (JSONL of {{\"messages\": [...]}}); {source.path} is "
+                        f"{source.kind.label or source.kind.name} data")
+    chat = Options(chat_template=options.chat_template)  # its files are named by the template
+    return dataclasses.replace(source, options=chat, prefix=source.prefix + chat.tag())
 
 
 def _file_source(path: Path, options: Options) -> Source:

@@ -2,7 +2,9 @@
 
 Per split: `train.bin` (uint16 GPT-2 ids, `numpy.memmap`-readable) and, for example data,
 `train.idx` (int64 rows: start, prompt tokens, length; the loss mask is "position >= prompt
-tokens", so it costs 8 bytes per example instead of a byte per token). A text file is split as
+tokens", so it costs 8 bytes per example instead of a byte per token). Conversations have
+turns, not one prompt, so chat data adds `train.mask`: a byte of marks per token
+(`chat_template.LEARN`, `MESSAGE`, ...), aligned with train.bin. A text file is split as
 nanoGPT splits Shakespeare: the first 90% of the characters are train. Anything else is split
 by examples (documents, lines, rows): a seeded shuffle puts 10% in val, unless the data names
 its own validation file. meta.json is written last; its presence marks a finished preparation.
@@ -19,8 +21,6 @@ import errno
 import hashlib
 import json
 import os
-import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,19 +30,15 @@ import numpy as np
 from .. import tokenizer
 from ..atomic import TMP_MARK, atomic_open, write_text
 from ..errors import DataError
+from .encoding import TOKEN_DTYPE, encode_chunked, encoded
 from .formats import Options, Source, resolve
 
 META_FORMAT = 1
 VAL_FRACTION = 0.1
 SPLIT_SEED = 1337
-TOKEN_DTYPE = np.uint16
 INDEX_DTYPE = np.int64  # rows of (start, prompt tokens, length)
-CHUNK_CHARS = 1 << 20
 ENCODE_BATCH = 2048  # examples tokenized together (the threads share them); bounds memory
 CACHE_ENV = "LORA_GPT2_CACHE"
-# A safe place to cut text for chunked encoding: "X\nY" with X, Y not whitespace. No GPT-2
-# pre-token spans it, so encoding the pieces equals encoding the whole.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 # progress(done, total): examples for example data, 1 of 1 for a text file
 Progress = Callable[[int, int], None]
@@ -69,6 +65,13 @@ class Prepared:
 
     def index_path(self, split: str) -> Path:
         return self.meta.parent / f"{self.source.prefix}{split}.idx"
+
+    def mask_path(self, split: str) -> Path:
+        return self.meta.parent / f"{self.source.prefix}{split}.mask"
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat"
 
     @property
     def train(self) -> Path:
@@ -115,39 +118,6 @@ def _writable(folder: Path) -> bool:
     return True
 
 
-def encode_chunked(text: str) -> np.ndarray:
-    """Token ids of `text`, encoded in ~1M-character pieces cut where tokens cannot span."""
-    enc = tokenizer.get_encoding()
-    parts, start = [], 0
-    while start < len(text):
-        end = min(start + CHUNK_CHARS, len(text))
-        if end < len(text):
-            cut = _SAFE_CUT.search(text, end)
-            end = cut.start() if cut else len(text)
-        parts.append(np.asarray(enc.encode_ordinary(text[start:end]), dtype=TOKEN_DTYPE))
-        start = end
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
-
-
-def encode_batch(texts: list[str]) -> list[np.ndarray]:
-    """Token ids (uint16 arrays: 2 bytes a token, not a Python int's 36) of many texts, in
-    order, on all cores: tiktoken's encoder releases the GIL, and each thread takes one
-    contiguous slice (a future per text, as `encode_ordinary_batch` makes, costs more than
-    encoding a short text)."""
-    encode = tokenizer.get_encoding().encode_ordinary
-
-    def run(part: list[str]) -> list[np.ndarray]:
-        return [np.array(encode(t), dtype=TOKEN_DTYPE) for t in part]
-
-    threads = min(os.cpu_count() or 1, max(1, len(texts) // 256))
-    if threads == 1:
-        return run(texts)
-    size = -(-len(texts) // threads)
-    slices = [texts[i : i + size] for i in range(0, len(texts), size)]
-    with ThreadPoolExecutor(threads) as pool:
-        return [ids for part in pool.map(run, slices) for ids in part]
-
-
 def _batched(items: Iterable, n: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -162,17 +132,19 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 class _SplitWriter:
     """One split's token file (and index, for example data), written as examples arrive."""
 
-    def __init__(self, tokens, index, joined: bool) -> None:
-        self.tokens, self.index, self.joined = tokens, index, joined
+    def __init__(self, tokens, index, joined: bool, marks=None) -> None:
+        self.tokens, self.index, self.joined, self.marks = tokens, index, joined, marks
         self.count = 0  # tokens written
         self.examples = 0
         self.longest = 0
 
-    def add(self, prompt: np.ndarray, completion: np.ndarray) -> None:
+    def add(self, prompt: np.ndarray, completion: np.ndarray, marks: np.ndarray | None = None) -> None:
         if self.joined:  # a stream of documents: <|endoftext|> between them
             ids = np.concatenate([_EOT, completion]) if self.examples else completion
-        else:  # an example: prompt + completion + <|endoftext|>
-            ids = np.concatenate([prompt, completion, _EOT])
+        else:  # an example: prompt + completion + <|endoftext|>; a conversation as its template ends it
+            ids = np.concatenate([prompt, completion, _EOT]) if marks is None else completion
+            if marks is not None:
+                self.marks.write(marks.tobytes())
             row = np.array([self.count, len(prompt), len(ids)], dtype=INDEX_DTYPE)
             self.index.write(row.tobytes())
             self.longest = max(self.longest, len(ids))
@@ -182,7 +154,6 @@ class _SplitWriter:
 
 
 _EOT = np.array([tokenizer.EOT_ID], dtype=TOKEN_DTYPE)
-_NONE = np.zeros(0, dtype=TOKEN_DTYPE)
 
 
 def _val_members(source: Source, total: int) -> np.ndarray:
@@ -212,23 +183,23 @@ def _prepare_examples(source: Source, folder: Path, progress: Progress | None) -
     grand_total, done = sum(totals.values()), 0
     names = {split: (folder / f"{source.prefix}{split}.bin", folder / f"{source.prefix}{split}.idx")
              for split in ("train", "val")}
+    template = source.options.template() if source.kind.chat else None
     with contextlib.ExitStack() as stack:
         writers = {}
         for split, (bin_path, idx_path) in names.items():
             tokens = stack.enter_context(atomic_open(bin_path, "wb"))
             index = None if joined else stack.enter_context(atomic_open(idx_path, "wb"))
-            writers[split] = _SplitWriter(tokens, index, joined)
+            marks = stack.enter_context(atomic_open(bin_path.with_suffix(".mask"), "wb")) if template else None
+            writers[split] = _SplitWriter(tokens, index, joined, marks)
         for part, split in parts:
             position = 0
             for batch in _batched(source.examples(part), ENCODE_BATCH):
-                prompts = encode_batch([e.prompt for e in batch]) if source.kind.prompted else [_NONE] * len(batch)
-                completions = encode_batch([e.completion for e in batch])
-                for prompt, completion in zip(prompts, completions):
+                for tokens in encoded(source.kind.prompted, template, batch):
                     target = split or ("val" if member[position] else "train")
-                    writers[target].add(prompt, completion)
+                    writers[target].add(*tokens)
                     position += 1
                 done += len(batch)
-                del batch, prompts, completions  # before the next batch is read: one batch in memory
+                del batch  # before the next batch is read: one batch in memory
                 if progress:
                     progress(done, grand_total)
         for split, writer in writers.items():
@@ -304,6 +275,8 @@ def check_prepared(prepared: Prepared) -> Prepared:
         if prepared.layout == "examples":
             checks.append((prepared.index_path(split), f"{split}_examples", 3 * np.dtype(INDEX_DTYPE).itemsize,
                            "examples"))
+        if prepared.chat:
+            checks.append((prepared.mask_path(split), f"{split}_tokens", 1, "token marks"))
         for path, key, unit, what in checks:
             expected = info.get(key)
             if not path.is_file():

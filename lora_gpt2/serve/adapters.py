@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..chat_template import ChatTemplate
 from ..checkpoints.reading import Adapter
 from ..inference.bank import AdapterBank
 
@@ -34,6 +35,7 @@ class Served:
     step: int | None = None
     val_loss: float | None = None
     watched: str | None = None  # the run folder it follows (--watch), if any
+    template: ChatTemplate = field(default_factory=ChatTemplate, repr=False)  # how chat requests are rendered
 
     @property
     def fingerprint(self) -> str:
@@ -42,7 +44,8 @@ class Served:
 
     def describe(self) -> dict:
         return {"path": self.path, "version": self.version, "step": self.step, "val_loss": self.val_loss,
-                "watched": self.watched}
+                "watched": self.watched, "chat_template": "default" if self.template.is_default else
+                self.template.sha256}
 
 
 def check_name(name: object, base_name: str) -> str:
@@ -78,7 +81,7 @@ class ServedAdapters:
             raise ValueError(f"the adapter name {name!r} is taken; unload it first or choose another")
         version = self._versions.get(name, 0) + 1
         served = Served(name, f"{name}\x00{version}", str(adapter.path), version, _step(adapter), _val_loss(adapter),
-                        watched)
+                        watched, adapter.chat_template)
         self.bank.add_adapter(served.key, adapter, force=self.force)  # refuses a misfit: the set is unchanged
         self._versions[name] = version
         if old is not None:

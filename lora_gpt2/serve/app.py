@@ -1,6 +1,6 @@
-"""The HTTP layer: OpenAI's `/v1/models` and `/v1/completions` (plain and streamed), vLLM's
-`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (with --allow-runtime-adapters), `/health`,
-Prometheus' `/metrics`, and the playground page at `/`.
+"""The HTTP layer: OpenAI's `/v1/models`, `/v1/completions` and `/v1/chat/completions` (plain
+and streamed), vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (with
+--allow-runtime-adapters), `/health`, Prometheus' `/metrics`, and the playground page at `/`.
 
 Every request is checked before it reaches the engine; every error is OpenAI's JSON shape with
 its status. A streamed request whose client goes away is cancelled, freeing its batch slot.
@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request  # the serve extra; this module is imported only by `serve`
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tokenizer
+from ..chat_template import ChatTemplate
 from ..checkpoints.reading import read_adapter
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..inference.decoding import fits
-from ..inference.sampling import SamplingConfig
 from .adapters import check_name
-from .engine import Engine, Job
+from .engine import Engine
 from .metrics import CONTENT_TYPE, Metrics
-from .request import ApiError, Completion, parse_completion, shown
-from ..inference.text import TextDecoder
+from .request import REST, ApiError, Completion, parse_chat, parse_completion, shown
+from .runs import ChatRun, CompletionRun, Recorder
 
 MAX_BODY_BYTES = 1 << 20  # a 1 MB request body is far beyond any GPT-2 prompt
 DISCONNECT_POLL_S = 0.25  # how often a plain (not streamed) request checks that its client is still there
@@ -62,7 +62,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # no route, or not this method
-        what = {404: f"there is no {request.url.path!r} here (see /v1/models, /v1/completions, /health)",
+        what = {404: f"there is no {request.url.path!r} here (see /v1/models, /v1/completions, "
+                     "/v1/chat/completions, /health)",
                 405: f"{request.url.path} does not take {request.method}"}.get(exc.status_code, str(exc.detail))
         return error(ApiError(exc.status_code, what, code={404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code)))
@@ -169,19 +170,33 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            code="model_not_found") from None
         return changed("unload", f"Success: LoRA adapter '{name}' removed successfully.")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    def chat_prompt(c: Completion, adapter: str | None) -> tuple[Completion, list[list[int]]]:
+        """A chat request's prompt, rendered by its adapter's template (the default one for the
+        base model and for adapters trained without one)."""
+        served = engine.adapters.current.get(adapter) if adapter else None
+        try:
+            ids = (served.template if served else ChatTemplate()).prompt(list(c.messages))
+        except DataError as exc:
+            raise ApiError(400, f"messages: {exc}", param="messages", code="invalid_value") from None
+        if c.max_tokens == REST:
+            c = dataclasses.replace(c, max_tokens=max(context - len(ids), 1))
+        return c, [ids]
+
+    async def answer(request: Request, chat: bool):
         arrived, model_name = time.perf_counter(), None
         try:
             check_key(request)
             body = await body_of(request)
             model_name = body.get("model") if isinstance(body, dict) else None
-            c = parse_completion(body, model.config.vocab_size)
+            c = (parse_chat if chat else parse_completion)(body, model.config.vocab_size)
             if c.model not in names():
                 raise ApiError(404, f"the model {shown(c.model)} does not exist; served: {', '.join(names())}",
                                param="model", code="model_not_found")
             adapter = None if c.model == settings.base_name else c.model
-            prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
+            if chat:
+                c, prompts = chat_prompt(c, adapter)
+            else:
+                prompts = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in c.prompts]
             for ids in prompts:  # refused here, with OpenAI's code, before anything is queued
                 if not fits(len(ids), c.max_tokens, context):
                     raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens {c.max_tokens} are more than "
@@ -190,10 +205,18 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except ApiError as exc:
             metrics.requests.labels(label(model_name), str(exc.status)).inc()
             raise
-        run = _Run(engine, c, adapter, prompts, _Recorder(metrics, c.model, arrived))
+        run = (ChatRun if chat else CompletionRun)(engine, c, adapter, prompts, Recorder(metrics, c.model, arrived))
         if c.stream:  # a stream whose client leaves is closed by Starlette, which frees the slots
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return await _unless_gone(request, run.whole())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(request, chat=True)
 
     return app
 
@@ -234,152 +257,3 @@ async def _read_json(request) -> Any:
     except ValueError as exc:  # an integer beyond Python's int-string limit (4,300 digits)
         raise ApiError(400, f"the body holds a number too long to read ({' '.join(str(exc).split())[:120]})",
                        code="invalid_json") from None
-
-
-class _Run:
-    """One completions request: n choices per prompt, each a job in the engine."""
-
-    def __init__(self, engine: Engine, c: Completion, adapter: str | None, prompts: list[list[int]],
-                 recorder: "_Recorder") -> None:
-        self.engine, self.c, self.prompts, self.recorder = engine, c, prompts, recorder
-        self.id = f"cmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        base_seed = c.seed if c.seed is not None else secrets.randbits(62)
-        cfg = SamplingConfig(max_new_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p)
-        self.jobs: list[Job] = []
-        self.texts: list[TextDecoder] = []
-        for p, ids in enumerate(prompts):
-            for j in range(c.n):
-                index = p * c.n + j
-                sink = (lambda i: lambda kind, value: self.loop.call_soon_threadsafe(
-                    self.queue.put_nowait, (i, kind, value)))(index)
-                self.jobs.append(Job(ids, adapter, cfg, base_seed + index, c.logprobs, sink))
-                self.texts.append(TextDecoder(c.stop))
-        self.tokens = [0] * len(self.jobs)
-        self.logprobs = [_Logprobs() for _ in self.jobs]
-        for job in self.jobs:
-            engine.submit(job)
-
-    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice, new text, finish_reason once it ends), until every choice has ended."""
-        open_choices = set(range(len(self.jobs)))
-        status = 499  # unless every choice ends: the client went away
-        try:
-            while open_choices:
-                index, kind, value = await self.queue.get()
-                if index not in open_choices:
-                    continue
-                text = self.texts[index]
-                if kind == "error":
-                    status = 500
-                    raise ApiError(500, f"generation failed: {value}", kind="server_error", code="generation_failed")
-                if kind == "token":
-                    token, lp, top = value
-                    self.recorder.token()
-                    self.tokens[index] += 1
-                    piece = text.add(token)
-                    self.logprobs[index].add(token, lp, top)
-                    if text.stopped:  # a stop string: this choice ends here
-                        self.engine.cancel(self.jobs[index])
-                        open_choices.discard(index)
-                        yield index, piece + text.finish(), "stop"
-                    elif piece:
-                        yield index, piece, None
-                else:
-                    open_choices.discard(index)
-                    yield index, text.finish(), "stop" if text.stopped else value
-            status = 200
-        finally:
-            for index in open_choices:  # the client went away, or an error: free the slots
-                self.engine.cancel(self.jobs[index])
-            self.recorder.done(status, sum(len(ids) for ids in self.prompts) * self.c.n, sum(self.tokens))
-
-    def _usage(self) -> dict[str, int]:
-        prompt = sum(len(ids) for ids in self.prompts) * self.c.n
-        completion = sum(self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _chunk(self, choices: list[dict]) -> dict[str, Any]:
-        # which adapter version answered (a watched run's step): OpenAI's system_fingerprint
-        served = self.jobs[0].served if self.jobs else None
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.c.model,
-                "system_fingerprint": served.fingerprint if served else self.c.model, "choices": choices}
-
-    async def whole(self) -> dict[str, Any]:
-        texts = [""] * len(self.jobs)
-        reasons: list[str | None] = [None] * len(self.jobs)
-        async for index, piece, reason in self.events():
-            texts[index] += piece
-            reasons[index] = reason or reasons[index]
-        choices = [{"text": texts[i], "index": i, "finish_reason": reasons[i],
-                    "logprobs": self.logprobs[i].body() if self.c.logprobs is not None else None}
-                   for i in range(len(self.jobs))]
-        return {**self._chunk(choices), "usage": self._usage()}
-
-    async def stream(self) -> AsyncIterator[str]:
-        usage = {"usage": None} if self.c.include_usage else {}
-        try:
-            async for index, piece, reason in self.events():
-                logprobs = self.logprobs[index].take() if self.c.logprobs is not None else None
-                choice = {"text": piece, "index": index, "finish_reason": reason, "logprobs": logprobs}
-                yield f"data: {json.dumps({**self._chunk([choice]), **usage})}\n\n"
-            if self.c.include_usage:  # OpenAI's stream_options: one last chunk, no choices, the counts
-                yield f"data: {json.dumps({**self._chunk([]), 'usage': self._usage()})}\n\n"
-        except ApiError as exc:
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-
-class _Recorder:
-    """One request's figures for /metrics: its first token's time, its end, its tokens."""
-
-    def __init__(self, metrics: Metrics, model: str, arrived: float) -> None:
-        self.metrics, self.model, self.arrived, self.first = metrics, model, arrived, True
-
-    def token(self) -> None:
-        if self.first:
-            self.first = False
-            self.metrics.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
-
-    def done(self, status: int, prompt_tokens: int, generated: int) -> None:
-        m = self.metrics
-        m.requests.labels(self.model, str(status)).inc()
-        m.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        m.generation_tokens.labels(self.model).inc(generated)
-        if status == 200:
-            m.latency.labels(self.model).observe(time.perf_counter() - self.arrived)
-
-
-class _Logprobs:
-    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top: list[dict[str, float]] = []
-        self.offsets: list[int] = []
-        self._offset = 0
-        self._taken = 0  # entries already sent in a streamed chunk
-
-    def add(self, token: int, lp: float | None, top: dict[int, float] | None) -> None:
-        if lp is None:
-            return
-        enc = tokenizer.get_encoding()
-        text = enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-        self.tokens.append(text)
-        self.token_logprobs.append(lp)
-        self.top.append({enc.decode_single_token_bytes(t).decode("utf-8", errors="replace"): v
-                         for t, v in (top or {}).items()})
-        self.offsets.append(self._offset)
-        self._offset += len(text)
-
-    def body(self, start: int = 0) -> dict[str, Any]:
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
-
-    def take(self) -> dict[str, Any]:
-        """The tokens since the last streamed chunk (held-back text carries its tokens to the chunk that shows it)."""
-        start, self._taken = self._taken, len(self.tokens)
-        return self.body(start)

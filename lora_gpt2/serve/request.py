@@ -1,16 +1,24 @@
-"""An OpenAI completions request, checked field by field: every refusal names its field."""
+"""OpenAI completions and chat completions requests, checked field by field: every refusal
+names its field."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from ..chat_template import message_list
+from ..errors import DataError
 
 MAX_CHOICES = 64  # prompts x n in one request (the README's number): a batch's worth, not a denial of service
 MAX_LOGPROBS = 5
 MAX_STOPS = 4
+REST = -1  # a chat request's max_tokens when unset: whatever the context has room for
 UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None}  # accepted only at these values (OpenAI's defaults)
+CHAT_UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
+                    "tool_choice": None, "functions": None, "function_call": None, "audio": None,
+                    "modalities": None, "prediction": None}
 
 
 class ApiError(Exception):
@@ -38,6 +46,7 @@ class Completion:
     stream: bool
     logprobs: int | None
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
+    messages: tuple = ()  # a chat request's conversation (its prompt is rendered by the adapter's template)
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -141,3 +150,40 @@ def _stream_options(value: Any, stream: bool) -> bool:
     if not isinstance(include, bool):
         raise _bad("stream_options", f"include_usage must be true or false, got {shown(include)}")
     return include
+
+
+def parse_chat(body: Any, vocab_size: int) -> Completion:
+    """A chat completions request as a Completion of one prompt (rendered later, by the
+    template of the adapter it names) with its `messages`; `max_tokens` unset is the rest of
+    the context."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if "messages" not in body:
+        raise _bad("messages", "is required")
+    try:
+        messages = message_list(body["messages"], "messages", training=False)
+    except DataError as exc:
+        raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
+    for key, default in CHAT_UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and value != default and value != {} and value != []:
+            raise ApiError(400, f"{key}: not supported by lora-gpt2 serve", param=key, code="unsupported")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format",
+                       code="unsupported")
+    limits = {k: body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None}
+    if len(set(map(repr, limits.values()))) > 1:
+        raise _bad("max_tokens", "max_tokens and max_completion_tokens differ; give one")
+    logprobs = body.get("logprobs", False)
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad("logprobs", f"must be true or false in chat completions, got {shown(logprobs)}")
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise _bad("top_logprobs", "needs logprobs: true")
+    plain = {k: v for k, v in body.items() if k in ("model", "temperature", "top_p", "n", "stop", "seed", "stream",
+                                                      "stream_options")}
+    limit = next((_integer(limits, k, None, 0, 1 << 20) for k in limits), None)
+    c = parse_completion({**plain, "prompt": ""}, vocab_size)
+    return replace(c, prompts=[], messages=tuple(messages), max_tokens=REST if limit is None else limit,
+                   logprobs=(top or 0) if logprobs else None)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 from ..adapters import variants
 from ..config import DEVICES, DTYPES, LoRAConfig, resolve_targets
-from ..data.formats import Options
+from .. import chat_template
+from ..data.formats import TRAIN_ON, Options
 from .loggers import LOGGERS as LOGGER_TABLE
 
 class Resume(str, enum.Enum):
@@ -123,6 +124,12 @@ class DataSettings:
                                                 "data).", fixed=True, show_default=False)
     packing: bool = setting(False, "Example data: pack several examples per row (each sees only itself) instead "
                                    "of padding each row.")
+    chat_template: Optional[str] = setting(None, "Chat data: a Jinja chat template file, or a tokenizer_config.json "
+                                                 "holding one (default: lora-gpt2's GPT-2 template).", fixed=True,
+                                           show_default=False, metavar="FILE")
+    train_on: Optional[str] = setting(None, "Chat data: learn the assistant's turns (assistant, the default) or "
+                                            "every token (all).", fixed=True, show_default=False,
+                                      metavar="assistant|all")
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -130,6 +137,10 @@ class DataSettings:
         for name in ("text_column", "prompt_column", "completion_column"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must name a CSV column, got ''")
+        if self.chat_template == "":
+            raise ValueError("chat_template must name a template file, got ''")
+        if self.train_on is not None:
+            _choice("train_on", self.train_on, TRAIN_ON)
         _positive("block_size", self.block_size)
         _positive("batch_size", self.batch_size)
         if self.batch_size * self.block_size > MAX_MICRO_BATCH_TOKENS:
@@ -139,8 +150,9 @@ class DataSettings:
 
     @property
     def options(self) -> Options:
-        """How to read the data (CSV columns): what its preparation depends on."""
-        return Options(self.text_column, self.prompt_column, self.completion_column)
+        """How to read the data (CSV columns, the chat template's text): what its preparation depends on."""
+        template = chat_template.load(self.chat_template).text if self.chat_template else None
+        return Options(self.text_column, self.prompt_column, self.completion_column, template)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
 
-from ..data import Options, ensure_prepared, eval_batches, located, mask_prompt_for
+from ..data import Options, ensure_prepared, eval_batches, located, mask_prompt_for, resolve
 from ..model.gpt2 import GPT2
 from .config import SETTINGS
 
@@ -41,13 +42,20 @@ class EvalSettings:
     batch_size: int
     eval_batches: int
     mask_prompt: bool | None = None
+    train_on: str | None = None
     text_column: str | None = None
     prompt_column: str | None = None
     completion_column: str | None = None
+    chat_template: str | None = None  # the adapter's template text, used when the data is chat
 
     @property
     def options(self) -> Options:
-        return Options(self.text_column, self.prompt_column, self.completion_column)
+        """How to read the data: the template applies to chat data alone (an adapter's
+        template says nothing about text or prompt/completion data)."""
+        columns = Options(self.text_column, self.prompt_column, self.completion_column)
+        if self.chat_template is None or not resolve(self.data, columns).kind.chat:
+            return columns
+        return dataclasses.replace(columns, chat_template=self.chat_template)
 
 
 # Each setting with the value used when neither the adapter nor the caller gives one: its
@@ -115,7 +123,7 @@ def _loss_entry(loss: float) -> dict[str, Any]:
 def compare(model: GPT2, settings: EvalSettings, with_adapter: bool) -> EvalReport:
     """Loss of the base model (adapter disabled) and, when asked, of base + adapter, on the same windows."""
     prepared = ensure_prepared(settings.data, settings.options)
-    mask = mask_prompt_for(prepared, settings.mask_prompt)
+    mask = mask_prompt_for(prepared, settings.mask_prompt, settings.train_on)
     batches = eval_batches(prepared, block_size=settings.block_size, batch_size=settings.batch_size,
                            max_batches=settings.eval_batches, mask_prompt=mask)
     device = model.token_embedding.weight.device

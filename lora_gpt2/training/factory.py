@@ -104,7 +104,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     prepared = ensure_prepared(config.data.data, config.data.options, progress=prepare_progress)
     if dist.is_main:
         distributed.barrier(dist)
-    mask_prompt = mask_prompt_for(prepared, config.data.mask_prompt)
+    mask_prompt = mask_prompt_for(prepared, config.data.mask_prompt, config.data.train_on)
 
     d, o = config.data, config.optim
     if dist.device.type == "cpu":
@@ -139,9 +139,7 @@ def _build(config: TrainConfig, dist: distributed.Dist, resume: str, out: Path, 
     else:  # an epoch is as many tokens as the train split holds
         max_steps = max(1, math.ceil(o.epochs * len(batches.tokens) / tokens_per_step))
     if prepared.layout == "examples" and batches.truncated():
-        notices.append(Notice(f"{batches.truncated():,} of {len(batches.index):,} train examples are longer than "
-                              f"--block-size {d.block_size} + 1 tokens: their prompts are cut from the left "
-                              "(then their ends)"))
+        notices.append(Notice(_truncation(batches, prepared, d.block_size)))
     optimizer = build_optimizer(list(lora_parameters(model).values()), o, fast_parameters(model))
     scheduler = build_scheduler(optimizer, o, max_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -207,6 +205,16 @@ def _check_same_data(out: Path, last: checkpoint.Checkpoint, prepared: Prepared)
 
 def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _truncation(batches, prepared: Prepared, block_size: int) -> str:
+    longer = f"{batches.truncated():,} of {len(batches.index):,} train"
+    if prepared.chat:
+        return (f"{longer} conversations are longer than --block-size {block_size} + 1 tokens: "
+                f"{batches.dropped_messages():,} of their earliest messages are dropped (a leading system message "
+                "and the last assistant answer are kept)")
+    return (f"{longer} examples are longer than --block-size {block_size} + 1 tokens: their prompts are cut "
+            "from the left (then their ends)")
 
 
 def _check_token_ids(tokens: np.ndarray, path: Path, vocab_size: int) -> None:

@@ -77,19 +77,25 @@ class Trainer:
         `generate` needs to know of the data (its kind)."""
         r = self.run_
         c = r.config
+        masked = mask_prompt_for(r.prepared, c.data.mask_prompt, c.data.train_on)
+        columns = {k: v for k, v in r.prepared.source.options.to_dict().items() if k != "chat_template"}
         return {k: v for k, v in asdict(checkpoint.EvalRecord(
             data=str(Path(c.data.data).resolve()), block_size=c.data.block_size, batch_size=c.data.batch_size,
             eval_batches=c.run.eval_batches, data_kind=r.prepared.kind, data_sha256=r.prepared.info.get("text_sha256"),
-            mask_prompt=mask_prompt_for(r.prepared, c.data.mask_prompt), **c.data.options.to_dict())).items()
+            mask_prompt=None if r.prepared.chat else masked,
+            train_on=("assistant" if masked else "all") if r.prepared.chat else None, **columns)).items()
             if v is not None}
 
     def save(self, folder: Path, with_state: bool) -> None:
         r = self.run_
         if not r.dist.is_main:
             return
+        # a chat run's template travels with its adapter: every reader renders conversations alike
+        template = {"chat_template": r.prepared.source.options.template().record()} if r.prepared.chat else {}
         checkpoint.save_checkpoint(folder, r.model, self.state() if with_state else None,
                                    step=r.step, val_loss=r.last_val, tokens_per_step=r.tokens_per_step,
-                                   dtype=dtype_name(r.dtype), dtype_choice=r.dtype_choice, eval=self.eval_settings())
+                                   dtype=dtype_name(r.dtype), dtype_choice=r.dtype_choice, eval=self.eval_settings(),
+                                   **template)
         self.emit(Saved(folder, r.step))
 
     def train_step(self) -> StepStats:
