@@ -272,3 +272,25 @@ def test_a_gguf_export_carries_the_template_for_llama_cpp(chat_run, cli, tmp_pat
     assert gguf.GGUFReader(tmp_path / "chat.gguf").fields["tokenizer.chat_template"].contents() == MARKED
     assert cli("export", "--format", "gguf", "--base-only", out, tmp_path / "base.gguf")[0] == 0
     assert "tokenizer.chat_template" not in gguf.GGUFReader(tmp_path / "base.gguf").fields  # the base has none
+
+
+def test_a_message_the_template_refuses_is_said_and_the_conversation_goes_on(chat_run, tmp_path, cli):
+    import hashlib
+    import shutil
+
+    out, net, _ = chat_run
+    copy = tmp_path / "adapter"
+    shutil.copytree(out / "best", copy)
+    meta = json.loads((copy / "adapter.json").read_text())
+    text = "{% for m in messages %}{% if 'secret' in m['content'] %}{{ raise_exception('no secrets here') }}" \
+           "{% endif %}{% endfor %}" + MARKED
+    meta["chat_template"] = {"text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (copy / "adapter.json").write_text(json.dumps(meta))
+    code, stdout, err = cli("chat", "--adapter", copy, "--interactive", "--temperature", "0", "--max-new-tokens", "4",
+                            input_text="the secret\nHello there\n")
+    assert code == 0, err
+    assert "error: the chat template of " in err and "failed to render: no secrets here" in err
+    from lora_gpt2.chat_template import ChatTemplate
+
+    expected, _ = greedy_reply(net, ChatTemplate(text), [{"role": "user", "content": "Hello there"}], 4)
+    assert stdout == expected + "\n"  # the refused message left no trace in the history

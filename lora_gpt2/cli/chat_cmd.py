@@ -94,6 +94,7 @@ def chat_cmd(
     """Talk with base + adapter: replies streamed, history kept (/reset, /system TEXT, Ctrl-D)."""
     from .. import tokenizer
     from ..chat_template import ChatTemplate
+    from ..errors import DataError
     from ..inference.sampling import SamplingConfig
     from ..inference.session import GenerationSession
 
@@ -133,7 +134,13 @@ def chat_cmd(
         elif line.startswith("/"):
             say(f"unknown command {line.split()[0]!r}: {COMMANDS}")
         elif line.strip():
-            talk.answered(reply(talk.prompt(line), turn))
+            try:
+                ids = talk.prompt(line)
+            except DataError as exc:  # the template refused this conversation: say so, keep the rest
+                talk.messages.pop()
+                say(f"error: {exc}")
+                continue
+            talk.answered(reply(ids, turn))
             turn += 1
 
 
