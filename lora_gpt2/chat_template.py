@@ -244,6 +244,16 @@ def load(path: str | Path) -> ChatTemplate:
     return template
 
 
+def holds_template(config: Path) -> bool:
+    """Whether a tokenizer_config.json has a "chat_template" at all (many have none: GPT-2's
+    own), so that only one that does is read, and checked, as a template."""
+    try:
+        value = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return True  # unreadable: `load` says why
+    return not isinstance(value, dict) or "chat_template" in value
+
+
 def from_record(record: Any, where: str) -> ChatTemplate:
     """adapter.json's "chat_template" (text and sha256), checked."""
     if not (isinstance(record, dict) and isinstance(record.get("text"), str)):

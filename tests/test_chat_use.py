@@ -294,3 +294,18 @@ def test_a_message_the_template_refuses_is_said_and_the_conversation_goes_on(cha
 
     expected, _ = greedy_reply(net, ChatTemplate(text), [{"role": "user", "content": "Hello there"}], 4)
     assert stdout == expected + "\n"  # the refused message left no trace in the history
+
+
+def test_a_peft_folder_carries_its_template_on_and_one_without_gets_the_default(chat_run, cli, tmp_path):
+    out, _, _ = chat_run
+    assert cli("export", out, tmp_path / "peft")[0] == 0
+    assert cli("merge", tmp_path / "peft", tmp_path / "merged")[0] == 0  # the template travels on from PEFT
+    assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())["chat_template"] == MARKED
+    config = tmp_path / "peft" / "tokenizer_config.json"
+    plain = {k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}
+    config.write_text(json.dumps(plain))  # as other tools write it: a tokenizer, no template
+    adapter = read_adapter(tmp_path / "peft")
+    assert adapter.trained_template is None and adapter.chat_template.is_default
+    code, _, err = cli("chat", "--adapter", tmp_path / "peft", "--one-shot", "--max-new-tokens", "2",
+                       input_text="hi")
+    assert code == 0, err

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import adapter_dir, peft
-from ..chat_template import TOKENIZER_CONFIG, ChatTemplate, from_record, load
+from ..chat_template import TOKENIZER_CONFIG, ChatTemplate, from_record, holds_template, load
 from ..adapters.lora import start_adapters
 from ..config import LoRAConfig
 from ..devices import pick_device, resolve_dtype
@@ -35,15 +35,20 @@ class Adapter:
         return self.meta.get("eval") or {}
 
     @property
-    def chat_template(self) -> ChatTemplate:
+    def trained_template(self) -> ChatTemplate | None:
         """The template the adapter was trained with (adapter.json's, or a PEFT folder's
-        tokenizer_config.json's), else the default one."""
+        tokenizer_config.json's); None for an adapter trained on other data."""
         if "chat_template" in self.meta:
             return from_record(self.meta["chat_template"], str(self.path / adapter_dir.META_FILE))
         config = self.path / TOKENIZER_CONFIG
-        if self.kind == "peft" and config.is_file():
+        if self.kind == "peft" and config.is_file() and holds_template(config):
             return load(config)
-        return ChatTemplate()
+        return None
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """How conversations are rendered for it: its trained template, else the default one."""
+        return self.trained_template or ChatTemplate()
 
 
 def read_adapter(path: str | Path) -> Adapter:

@@ -159,7 +159,7 @@ def eval_cmd(
                                 block_size=block_size, batch_size=batch_size, eval_batches=eval_batches,
                                 mask_prompt=mask_prompt, train_on=train_on, text_column=text_column,
                                 prompt_column=prompt_column, completion_column=completion_column,
-                                chat_template=info.chat_template.text if info else None)
+                                chat_template=_trained_text(info))
     report = compare(net, settings, with_adapter=info is not None).to_dict()
     if json_out:
         print(json.dumps(report, allow_nan=False))
@@ -188,7 +188,7 @@ def merge_cmd(
 
     check_output_dir(out_dir, MERGED_FILES, force)
     net, info = _load(adapter, model, "float32", "cpu", force)
-    write_merged(net, out_dir, _recorded_template(info))
+    write_merged(net, out_dir, info.trained_template if info else None)
     say(f"wrote {out_dir} (config.json, model.safetensors, tokenizer files{_with_template(info)}); "
         f"load it with GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
 
@@ -206,13 +206,14 @@ class _Export:
     force: bool
 
 
-def _recorded_template(info):
-    """A chat-trained adapter's template (None for others: they have none to carry)."""
-    return info.chat_template if info is not None and "chat_template" in info.meta else None
+def _trained_text(info) -> str | None:
+    """A chat-trained adapter's template text (None for others: they have none to carry)."""
+    template = info.trained_template if info is not None else None
+    return template.text if template is not None else None
 
 
 def _with_template(info) -> str:
-    return " with its chat template" if _recorded_template(info) is not None else ""
+    return " with its chat template" if _trained_text(info) is not None else ""
 
 
 def _export_peft(e: _Export) -> None:
@@ -228,7 +229,7 @@ def _export_peft(e: _Export) -> None:
         raise ValueError(f"{e.adapter} is already a PEFT adapter")
     n_layer = int((info.meta.get("base_config") or {}).get("n_layer", 0))
     export_peft(info.tensors, info.lora, n_layer, info.base_model, e.out)
-    template = _recorded_template(info)
+    template = info.trained_template
     if template is not None:  # the tokenizer beside it: AutoTokenizer.from_pretrained(OUT) renders chats alike
         from ..checkpoints.merged import write_tokenizer
 
@@ -255,10 +256,9 @@ def _export_gguf(e: _Export) -> None:
         use = f"apply it to the base from `{base_cmd}`: llama-cli -m BASE.gguf --lora {e.out}"
     else:
         own_output = e.base_only and gguf_file.needs_own_output(net)
-        template = _recorded_template(info)
         written = gguf_file.write_model(net, e.out, e.gguf_type, merged=not e.base_only, own_output=own_output,
                                         name=name if not e.base_only else net.base.source,
-                                        chat_template=None if e.base_only or template is None else template.text)
+                                        chat_template=None if e.base_only else _trained_text(info))
         use = f"run it with: llama-cli -m {e.out}"
     types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(written.types.items()))
     size = f"{written.bytes / 1e6:.1f} MB" if written.bytes >= 1e6 else f"{written.bytes / 1e3:.1f} kB"

@@ -47,8 +47,18 @@ class Options:
     completion_column: str | None = None
     chat_template: str | None = None
 
+    def __post_init__(self) -> None:
+        from ..chat_template import DEFAULT
+
+        if self.chat_template == DEFAULT:  # the default's files keep their plain names
+            object.__setattr__(self, "chat_template", None)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def columns(self) -> "Options":
+        """The CSV columns alone (what a CSV's reading depends on)."""
+        return dataclasses.replace(self, chat_template=None)
 
     def template(self):
         from ..chat_template import ChatTemplate
@@ -325,13 +335,10 @@ def located(data: str | Path) -> Path:
 
 def resolve(data: str | Path, options: Options = Options()) -> Source:
     """The Source a `--data` value names, or a DataError saying what is wrong with it."""
-    from ..chat_template import DEFAULT
-
     path = located(data)
-    columns = dataclasses.replace(options, chat_template=None)
-    source = _file_source(path, columns) if path.is_file() else _folder_source(path, columns)
-    if options.chat_template is None or (options.chat_template == DEFAULT and source.kind.chat):
-        return source  # the default template's files keep their plain names
+    source = _file_source(path, options.columns()) if path.is_file() else _folder_source(path, options.columns())
+    if options.chat_template is None:
+        return source
     if not source.kind.chat:
         raise DataError(f"--chat-template is for chat data (JSONL of {{\"messages\": [...]}}); {source.path} is "
                         f"{source.kind.label or source.kind.name} data")

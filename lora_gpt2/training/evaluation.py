@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -52,10 +51,10 @@ class EvalSettings:
     def options(self) -> Options:
         """How to read the data: the template applies to chat data alone (an adapter's
         template says nothing about text or prompt/completion data)."""
-        columns = Options(self.text_column, self.prompt_column, self.completion_column)
-        if self.chat_template is None or not resolve(self.data, columns).kind.chat:
-            return columns
-        return dataclasses.replace(columns, chat_template=self.chat_template)
+        options = Options(self.text_column, self.prompt_column, self.completion_column, self.chat_template)
+        if options.chat_template is None or resolve(self.data, options.columns()).kind.chat:
+            return options
+        return options.columns()
 
 
 # Each setting with the value used when neither the adapter nor the caller gives one: its

@@ -78,7 +78,7 @@ class Trainer:
         r = self.run_
         c = r.config
         masked = mask_prompt_for(r.prepared, c.data.mask_prompt, c.data.train_on)
-        columns = {k: v for k, v in r.prepared.source.options.to_dict().items() if k != "chat_template"}
+        columns = r.prepared.source.options.columns().to_dict()
         return {k: v for k, v in asdict(checkpoint.EvalRecord(
             data=str(Path(c.data.data).resolve()), block_size=c.data.block_size, batch_size=c.data.batch_size,
             eval_batches=c.run.eval_batches, data_kind=r.prepared.kind, data_sha256=r.prepared.info.get("text_sha256"),
