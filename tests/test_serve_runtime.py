@@ -159,6 +159,7 @@ def test_200_load_unload_cycles_leave_memory_flat(runtime, world):
         path = str(adapters / ("poems", "plays")[i % 2])
         assert post(url, "/v1/load_lora_adapter", {"lora_name": f"a{i}", "lora_path": path}).status_code == 200
         assert post(url, "/v1/unload_lora_adapter", {"lora_name": f"a{i}"}).status_code == 200
+        assert engine.bank.loaded == []  # freed before the unload is answered, not a step later
         if i + 1 in (20, 200):
             seen[i + 1] = rss_mb()
     assert engine.bank.names == [None] and engine.bank.stacks == {} and engine.bank.nbytes == 0

@@ -150,9 +150,13 @@ class Engine:
                 fn, future = job
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(fn())
+                        result = fn()
+                        if self.adapters.retired:  # what a change retired, unused, is freed before it is done
+                            self._collect()
                     except Exception as exc:  # noqa: BLE001 - the caller's to report
                         future.set_exception(exc)
+                    else:
+                        future.set_result(result)
             elif kind == "cancel" and job.sequence is not None and job.sequence in self._jobs:
                 del self._jobs[job.sequence]
                 self.decoder.cancel(job.sequence)
