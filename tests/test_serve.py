@@ -317,6 +317,8 @@ def test_serve_refuses_bad_adapter_specs(cli, tmp_path):
     assert code == 1 and err.strip() == "lora-gpt2: error: --adapter must be NAME=PATH, got 'poems'"
     code, _, err = cli("serve", "--adapters", str(tmp_path / "none"))
     assert code == 1 and "is not a folder" in err
+    code, _, err = cli("serve", "--adapter", "poems=/nowhere", "--kv-cache", "flat")
+    assert code == 1 and err.strip() == "lora-gpt2: error: --kv-cache must be one of paged, rows, got 'flat'"
 
 
 def test_a_taken_port_is_one_line_before_anything_loads(cli):

@@ -211,3 +211,8 @@ def test_metrics_count_what_the_requests_did(world):
     assert value("lora_gpt2_adapters_loaded") == 2
     assert value("lora_gpt2_adapter_loads_total", event="load") == 1
     assert value("lora_gpt2_adapter_bytes") == engine.bank.nbytes > 0
+    # the KV pool: empty (and given back) at rest; at most the 3 choices of "Hi there" (2 + 4 cached
+    # positions each, one 16-position block each) held blocks at once
+    assert value("lora_gpt2_kv_cache_tokens") == value("lora_gpt2_kv_blocks_in_use") == 0
+    assert value("lora_gpt2_kv_blocks") == value("lora_gpt2_kv_cache_bytes") == 0
+    assert engine.kv.peak_blocks == 3

@@ -56,6 +56,9 @@ def serve_cmd(
     api_key: Optional[str] = Opt(None, envvar="LORA_GPT2_API_KEY",
                                  help="Require 'Authorization: Bearer KEY' (env LORA_GPT2_API_KEY)."),
     max_batch: int = Opt(16, min=1, help="Requests decoded together at most; more wait their turn."),
+    kv_cache: str = Opt("paged", "--kv-cache", help="paged: blocks of one pool shared by the batch, one attention "
+                                                    "call per layer; rows: a cache per request, reserved for all "
+                                                    "its tokens, attended to one request at a time."),
     dtype: str = Opt("auto", help="auto, float32, bfloat16, float16 (CUDA)."),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     force: bool = Opt(False, "--force", help="Serve adapters even if their base model's fingerprint differs."),
@@ -71,11 +74,15 @@ def serve_cmd(
     """Answer OpenAI-style completions for the base model and each adapter, batched together."""
     if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "prometheus_client")):
         raise ValueError(f"serve needs FastAPI, uvicorn and prometheus_client: {SERVE_HINT}")
+    from ..inference.kv import LAYOUTS
+
+    if kv_cache not in LAYOUTS:
+        raise ValueError(f"--kv-cache must be one of {', '.join(LAYOUTS)}, got {kv_cache!r}")
     named = _named(adapter or [], adapters)
     watched = _watched(watch or [], watch_which, named)
     with _bind(host, port) as sock:  # before loading anything: a taken port is known at once
         bank, base_name, read = _load(model, named, dtype, device, watched)
-        engine = _engine(bank, base_name, read, max_batch, force)
+        engine = _engine(bank, base_name, read, max_batch, force, kv_cache)
         watches = _start_watches(engine, watched, watch_which)
         _run(engine, base_name, sock, api_key, max_batch, grace, allow_runtime_adapters, watches)
 
@@ -149,10 +156,10 @@ def _start_watches(engine, watched: dict[str, Path], which: str) -> list:
     return watches
 
 
-def _engine(bank, base_name: str, read: dict, max_batch: int, force: bool):
+def _engine(bank, base_name: str, read: dict, max_batch: int, force: bool, kv_cache: str):
     from ..serve.engine import Engine
 
-    engine = Engine(bank, max_batch, base_name=base_name, force=force)
+    engine = Engine(bank, max_batch, base_name=base_name, force=force, kv_layout=kv_cache)
     for name, found in read.items():
         engine.adapters.add(name, found)  # on this thread, before decoding starts
     return engine

@@ -11,8 +11,9 @@ adapters) both run this loop, so its rules hold for both by construction:
 - a sequence that may slide (`slide=True`) and fills the context is recomputed from its last
   `window_length` tokens (positions are absolute, so cached keys cannot simply shift).
 
-Each sequence has its own KV cache and position, its own sampling settings and generator, and
-its own adapter (a row of the bank, bank.py). Sequences that join together are prefilled
+Each sequence has its own KV cache (in the batch's layout, kv.py: blocks of a shared pool by
+default) and position, its own sampling settings and generator, and its own adapter (a row of
+the bank, bank.py). Sequences that join together are prefilled
 together: prompts of similar length share one forward, right-padded (causal attention never
 lets a position see the padding after it), identical (prompt, adapter) pairs computed once.
 Then every step runs one batched forward over all running sequences. Sequences join and leave
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.gpt2 import GPT2, KVCache
+from . import kv
 from .bank import AdapterBank
 from .sampling import NOT_FINITE, SamplingConfig, choose_unchecked
 
@@ -55,7 +57,7 @@ class Sequence:
     error: str | None = None  # why, when finish_reason is "error"
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    cache: KVCache | None = None
+    cache: object = None  # what the decoder's KV layout keeps for it (kv.py)
     logits: torch.Tensor | None = None  # (1, V): what the next token is drawn from
 
     @property
@@ -66,14 +68,17 @@ class Sequence:
 class Decoder:
     """`submit` queues a sequence, `step` advances every running one by a token and returns
     [(sequence, token, or None when it has just ended)]. `bank` serves per-row adapters; without
-    one every sequence uses the model as it is (adapter None)."""
+    one every sequence uses the model as it is (adapter None). `kv_layout` names where the
+    caches live (kv.LAYOUTS)."""
 
-    def __init__(self, model: GPT2, bank: AdapterBank | None = None, max_batch: int = 16) -> None:
+    def __init__(self, model: GPT2, bank: AdapterBank | None = None, max_batch: int = 16,
+                 kv_layout: str = "paged") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if bank is not None and bank.model is not model:
             raise ValueError("the adapter bank belongs to another model")
         self.model, self.bank, self.max_batch = model, bank, max_batch
+        self.kv = kv.layout(kv_layout, model)
         self.context = model.config.n_positions
         self.device = model.token_embedding.weight.device
         self.waiting: list[Sequence] = []
@@ -103,7 +108,8 @@ class Decoder:
         for queue in (self.waiting, self.active):
             if sequence in queue:
                 queue.remove(sequence)
-        sequence.cache = sequence.logits = None
+        self.kv.release(sequence)
+        sequence.logits = None
 
     @property
     def busy(self) -> bool:
@@ -137,13 +143,15 @@ class Decoder:
             events.append((sequence, token))
             if len(sequence.tokens) == cfg.max_new_tokens:
                 self._end(sequence, "length", events)  # no forward for a token nobody will read
-            elif sequence.cache.length == sequence.cache.keys[0].size(2):  # full: only a sliding one gets here
+            elif self.kv.full(sequence):  # only a sliding one gets here
+                self.kv.release(sequence)
                 self._prefill([sequence], window=True)
             else:
                 going.append((sequence, token))
         if going:  # one batched forward: each row its adapter, its cache, its position
+            rows = [s for s, _ in going]
             ids = torch.tensor([[token] for _, token in going], device=self.device)
-            logits = self._forward([s for s, _ in going], ids, [s.cache for s, _ in going], at=-1)
+            logits = self._forward(rows, ids, self.kv.step(rows), at=-1)
             for row, (sequence, _) in enumerate(going):
                 sequence.logits = logits[row : row + 1]
         return events
@@ -168,6 +176,7 @@ class Decoder:
         joining: list[Sequence] = []
         while self.waiting and len(self.active) + len(joining) < self.max_batch:
             joining.append(self.waiting.pop(0))
+        self.kv.reserve([len(self._window(s, False)) for s in joining])
         for group in prefill_groups(joining, lambda s: len(self._window(s, False))):
             self._prefill(group)
         self.active.extend(joining)
@@ -180,9 +189,9 @@ class Decoder:
         return history
 
     def _prefill(self, group: list[Sequence], window: bool = False) -> None:
-        self.prefills += 1
         """One forward for the group's prompts (each distinct (prompt, adapter) once); each
         sequence then holds its own cache and logits."""
+        self.prefills += 1
         config, dtype = self.model.config, self.model.frozen_dtype()
         keys = [(tuple(self._window(s, window)), s.adapter) for s in group]
         heads: dict[tuple, Sequence] = {}  # each distinct row, and a sequence that stands for it
@@ -196,24 +205,19 @@ class Decoder:
         def room(sequence: Sequence, n: int) -> int:  # positions it can still reach
             return min(n + sequence.cfg.max_new_tokens - len(sequence.tokens), self.context)
 
-        alone = len(group) == 1  # then the shared cache is the sequence's own, with room for its tokens
-        shared = KVCache.empty(config, len(heads), dtype, self.device, room(group[0], width) if alone else width)
+        most = max(room(s, len(key[0])) for s, key in zip(group, keys))
+        shared = KVCache.empty(config, len(heads), dtype, self.device, self.kv.prefill_room(len(group), width, most))
         logits = self._forward(list(heads.values()), ids, shared, at=torch.tensor(lengths, device=self.device) - 1)
         for sequence, key in zip(group, keys):
             row, n = row_of[key], len(key[0])
             sequence.logits = logits[row : row + 1]  # (1, V)
-            if alone:
-                sequence.cache = shared
-                continue
-            sequence.cache = KVCache.empty(config, 1, dtype, self.device, room(sequence, n))
-            for mine, ours in zip(sequence.cache.keys + sequence.cache.values, shared.keys + shared.values):
-                mine[:, :, :n] = ours[row : row + 1, :, :n]
-            sequence.cache.length = n
+            self.kv.keep(sequence, shared, row, n, room(sequence, n))
 
     def _end(self, sequence: Sequence, reason: str, events: list) -> None:
         sequence.finish_reason = reason
         self.active.remove(sequence)
-        sequence.cache = sequence.logits = None
+        self.kv.release(sequence)
+        sequence.logits = None
         events.append((sequence, None))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,25 @@ class BaseModel:
     hf_config: dict[str, Any] = field(default_factory=dict)  # config.json as read, for merged copies
 
 
+class LayerCache(Protocol):
+    """What one layer's attention reads and writes its keys and values through: the contiguous
+    `LayerKV` below, or a decoding batch's per-row caches (inference/kv.py)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, nh, T, hs) and return the attention (B, nh, T, hs) of q over everything cached."""
+
+
+class StepCache(Protocol):
+    """A decoding step's caches: one new token per row, each row at its own position (requests
+    that started at different times). `advance` counts the token in after the forward."""
+
+    positions: torch.Tensor  # (B, 1)
+
+    def layer(self, i: int) -> LayerCache: ...
+
+    def advance(self) -> None: ...
+
+
 @dataclass
 class LayerKV:
     """One layer's slice of a KVCache: where its keys and values go, from position `start`."""
@@ -61,6 +80,18 @@ class LayerKV:
     keys: torch.Tensor  # (B, nh, T_max, hs)
     values: torch.Tensor
     start: int
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, T = self.start, q.size(2)
+        self.keys[:, :, start : start + T] = k
+        self.values[:, :, start : start + T] = v
+        k = self.keys[:, :, : start + T]  # (B, nh, start+T, hs)
+        v = self.values[:, :, : start + T]
+        if T == 1:  # one new token attends to everything cached: no mask needed
+            return F.scaled_dot_product_attention(q, k, v)
+        # new query i sits at position start + i and sees keys j <= start + i
+        visible = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
 @dataclass
@@ -80,6 +111,10 @@ class KVCache:
         make = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
         return cls([make() for _ in range(config.n_layer)], [make() for _ in range(config.n_layer)])
 
+    @property
+    def room(self) -> int:
+        return self.keys[0].size(2)
+
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.keys[i], self.values[i], self.length)
 
@@ -97,13 +132,6 @@ def _segment_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return steps - starts, (same & causal).unsqueeze(1)
 
 
-def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
-    """One row's new position (1, nh, 1, hs) attending to its own cache and itself."""
-    kv.keys[:, :, kv.start : kv.start + 1] = k
-    kv.values[:, :, kv.start : kv.start + 1] = v
-    return F.scaled_dot_product_attention(q, kv.keys[:, :, : kv.start + 1], kv.values[:, :, : kv.start + 1])
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, lora_cfg: LoRAConfig, adapted: bool = True) -> None:
         super().__init__()
@@ -112,14 +140,12 @@ class Attention(nn.Module):
         self.qkv_projection = _linear("qkv_projection", d, 3 * d, True, lora_cfg, adapted)
         self.output_projection = _linear("output_projection", d, d, True, lora_cfg, adapted)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | list[LayerKV] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`kv`: a cache, or one per row (one new token each). `mask` (B, 1, T, T), True where a query may see a key: packed rows' block-diagonal
-        causal attention; None is plain causal attention."""
-        for given in (kv if isinstance(kv, list) else [] if kv is None else [kv]):
-            if not isinstance(given, LayerKV):
-                raise TypeError(f"a layer takes its own slice of the cache (KVCache.layer(i)), "
-                                f"got {type(given).__name__}")
+    def forward(self, x: torch.Tensor, kv: LayerCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`kv`: where this layer's keys and values are cached (None: nothing is). `mask` (B, 1, T, T),
+        True where a query may see a key: packed rows' block-diagonal causal attention; None is
+        plain causal attention."""
+        if kv is not None and not hasattr(kv, "attend"):
+            raise TypeError(f"a layer takes its own slice of the cache (KVCache.layer(i)), got {type(kv).__name__}")
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.qkv_projection(x)  # (B, T, 3C)
@@ -128,23 +154,12 @@ class Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if isinstance(kv, list):  # one cache per row, each at its own length; one new token per row
-            y = torch.cat([_attend_cached(q[i : i + 1], k[i : i + 1], v[i : i + 1], row) for i, row in enumerate(kv)])
+        if kv is not None:
+            y = kv.attend(q, k, v)
         elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            start = kv.start
-            kv.keys[:, :, start : start + T] = k
-            kv.values[:, :, start : start + T] = v
-            k = kv.keys[:, :, : start + T]  # (B, nh, start+T, hs)
-            v = kv.values[:, :, : start + T]
-            if T == 1:  # one new token attends to everything cached: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # new query i sits at position start + i and sees keys j <= start + i
-                visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.output_projection(y)
 
@@ -169,7 +184,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.ffn = FeedForward(config, lora_cfg, adapted)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | list[LayerKV] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), kv, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -206,7 +221,7 @@ class GPT2(nn.Module):
     def tied(self) -> bool:
         return self.lm_head.weight is self.token_embedding.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | StepCache | None = None,
                       segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, C) for token ids idx (B, T).
 
@@ -215,7 +230,7 @@ class GPT2(nn.Module):
         of the same example, exactly as if the example were alone in the row.
         """
         B, T = idx.shape
-        if isinstance(cache, list):  # a cache per row (requests of different lengths): one token each
+        if cache is not None and not isinstance(cache, KVCache):  # rows at their own positions: one token each
             return self._rows_step(idx, cache)
         start = 0 if cache is None else cache.length
         if start + T > self.config.n_positions:
@@ -245,26 +260,20 @@ class GPT2(nn.Module):
             cache.length = start + T
         return self.final_norm(x)
 
-    def _rows_step(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """Hidden states (B, 1, C) for one new token per row, row i continuing caches[i] (its
-        own length, its own positions): the batched decoding step of requests that started
-        at different times."""
-        if idx.size(1) != 1 or len(caches) != idx.size(0):
-            raise ValueError(f"per-row caches take one token per row: got ids {tuple(idx.shape)} "
-                             f"for {len(caches)} caches")
-        for c in caches:
-            if c.length >= c.keys[0].size(2):
-                raise ValueError(f"a row's cache is full ({c.length} positions)")
-        pos = torch.tensor([[c.length] for c in caches], device=idx.device)  # (B, 1)
-        x = self.token_embedding(idx) + self.position_embedding(pos)
+    def _rows_step(self, idx: torch.Tensor, cache: StepCache) -> torch.Tensor:
+        """Hidden states (B, 1, C) for one new token per row, each row continuing its own cache at
+        its own position: the batched decoding step of requests that started at different times."""
+        if idx.size(1) != 1 or cache.positions.shape != (idx.size(0), 1):
+            raise ValueError(f"a decoding step takes one token per row: got ids {tuple(idx.shape)} "
+                             f"for positions {tuple(cache.positions.shape)}")
+        x = self.token_embedding(idx) + self.position_embedding(cache.positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, [c.layer(i) for c in caches])
-        for c in caches:
-            c.length += 1
+            x = block(x, cache.layer(i))
+        cache.advance()
         return self.final_norm(x)
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None = None, targets: torch.Tensor | None = None,
+        self, idx: torch.Tensor, cache: KVCache | StepCache | None = None, targets: torch.Tensor | None = None,
         reduction: str = "mean", segments: torch.Tensor | None = None, at: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the loss instead:

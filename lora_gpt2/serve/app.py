@@ -98,7 +98,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def health():
         current = engine.adapters.current
         return {"status": "ok", "active_requests": engine.active, "adapters": len(current),
-                "adapter_bytes": engine.bank.nbytes, "served": {n: s.describe() for n, s in current.items()},
+                "adapter_bytes": engine.bank.nbytes, "kv_cache": engine.kv.describe(), "served": {n: s.describe() for n, s in current.items()},
                 "watched": engine.adapters.watching, "runtime_adapters": settings.allow_runtime_adapters}
 
     @app.get("/v1/models")

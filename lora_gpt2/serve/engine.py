@@ -41,8 +41,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, bank: AdapterBank, max_batch: int = 16, base_name: str = "", force: bool = False) -> None:
-        self.decoder = Decoder(bank.model, bank, max_batch)
+    def __init__(self, bank: AdapterBank, max_batch: int = 16, base_name: str = "", force: bool = False,
+                 kv_layout: str = "paged") -> None:
+        self.decoder = Decoder(bank.model, bank, max_batch, kv_layout)
         self.bank = bank
         self.adapters = ServedAdapters(bank, base_name, force)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -77,6 +78,11 @@ class Engine:
         if self._stopping.is_set():
             future.set_exception(RuntimeError("the server is stopping"))
         return future
+
+    @property
+    def kv(self):
+        """The batch's KV cache (inference/kv.py): its layout, tokens, blocks and bytes."""
+        return self.decoder.kv
 
     @property
     def running(self) -> int:

@@ -41,6 +41,14 @@ class Metrics:
             lambda: engine.running)
         Gauge("lora_gpt2_requests_waiting", "Sequences waiting for a batch slot", registry=r).set_function(
             lambda: engine.waiting)
+        kv = engine.kv
+        Gauge("lora_gpt2_kv_cache_tokens", "Positions the decoding sequences hold in the KV cache",
+              registry=r).set_function(lambda: kv.tokens)
+        Gauge("lora_gpt2_kv_blocks_in_use", f"KV cache blocks ({getattr(kv, 'block_size', 0)} positions each) "
+              "held by sequences; 0 with --kv-cache rows", registry=r).set_function(lambda: kv.blocks_in_use)
+        Gauge("lora_gpt2_kv_blocks", "KV cache blocks in the pool, in use or free", registry=r).set_function(
+            lambda: kv.blocks)
+        Gauge("lora_gpt2_kv_cache_bytes", "Memory the KV cache takes", registry=r).set_function(lambda: kv.nbytes)
         Gauge("lora_gpt2_adapters_loaded", "Adapters served", registry=r).set_function(
             lambda: len(engine.adapters.current))
         Gauge("lora_gpt2_adapter_bytes", "Memory the adapters' tensors take", registry=r).set_function(
