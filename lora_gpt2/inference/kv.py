@@ -10,7 +10,7 @@ it ends (`release`). Two are registered in LAYOUTS:
   row's blocks are gathered into one buffer and attended to under a mask of its length (on a
   CPU, in chunks of rows whose keys fit GATHER_BYTES).
 - "rows": a cache of its own per sequence, reserved for its prompt and every token it may get,
-  and one attention call per row and layer (the layout before 0.3). PyTorch has no CPU kernel
+  and one attention call per row and layer (the layout before paging). PyTorch has no CPU kernel
   that reads blocks in place, so the paged gather copies every cached key once per step: with a
   few hundred cached positions per row this layout decodes faster on a CPU (the README's serve
   section has the figures), at the cost of reserving memory for tokens that may never come.
