@@ -175,12 +175,22 @@ class PagedCache:
 
     def keep(self, sequence, shared: KVCache, row: int, n: int, room: int) -> None:
         blocks = Blocks(self._take(-(-n // self.block_size)), n)
-        slots = self._slots(blocks, 0, n)
-        for pools, cached in ((self.keys, shared.keys), (self.values, shared.values)):
-            for pool, layer in zip(pools, cached):  # (nh, n, hs) -> (n, C), position-major as the pool
-                pool.view(-1, self.width).index_copy_(0, slots, layer[row, :, :n].transpose(0, 1).reshape(n, -1))
+        nh = self.config.n_head
+        for start, end, first in self._runs(blocks):  # one strided copy per run of consecutive blocks
+            for pools, cached in ((self.keys, shared.keys), (self.values, shared.values)):
+                for pool, layer in zip(pools, cached):  # (nh, n, hs) -> positions x (nh, hs), as the pool holds them
+                    rows = pool.view(-1, nh, self.width // nh)[first : first + end - start]
+                    rows.copy_(layer[row, :, start:end].transpose(0, 1))
         sequence.cache = blocks
         self.tokens += n
+
+    def _runs(self, blocks: Blocks):
+        """(first position, end position, first pool row) of each run of consecutive block ids."""
+        bs, ids, start = self.block_size, blocks.ids, 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                yield start * bs, min(i * bs, blocks.length), ids[start] * bs
+                start = i
 
     def full(self, sequence) -> bool:
         return sequence.cache.length == self.config.n_positions
@@ -202,12 +212,6 @@ class PagedCache:
             for table, block in zip(short, self._take(len(short))):
                 table.ids.append(block)
         return _PagedStep(self, tables)
-
-    def _slots(self, blocks: Blocks, start: int, end: int) -> torch.Tensor:
-        """Rows of the pool's (blocks · block_size, C) view that hold positions [start, end)."""
-        p = torch.arange(start, end)
-        ids = torch.tensor(blocks.ids)
-        return (ids[p // self.block_size] * self.block_size + p % self.block_size).to(self.device)
 
     def _take(self, n: int) -> list[int]:
         """n blocks, zeroed (see the module's note), growing the pool when it is short."""
