@@ -12,7 +12,7 @@ it ends (`release`). Two are registered in LAYOUTS:
 - "rows": a cache of its own per sequence, reserved for its prompt and every token it may get,
   and one attention call per row and layer (the layout before paging). PyTorch has no CPU kernel
   that reads blocks in place, so the paged gather copies every cached key once per step: with a
-  few hundred cached positions per row this layout decodes faster on a CPU (the README's serve
+  few hundred cached positions per row this layout decodes faster on a CPU (the README's Benchmark
   section has the figures), at the cost of reserving memory for tokens that may never come.
 
 Both give every row exactly its own attention: a row never sees another's keys, and masked
@@ -32,7 +32,7 @@ from ..model.gpt2 import GPT2, KVCache, LayerKV
 # On a CPU, a step's rows are gathered and attended to in chunks whose keys and values fit in
 # GATHER_BYTES, so the attention reads them from cache rather than memory: 16 rows of up to
 # ~170 positions on GPT-2 small are one call; at 400 positions, 8 MB chunks made a 16-row step
-# 8% faster than one call over everything (the README's serve section has the figures).
+# 8% faster than one call over everything (the README's Benchmark section has the figures).
 GATHER_BYTES = 8 << 20
 BLOCK_SIZE = 16  # positions per block (vLLM's default): at most 15 reserved positions per sequence
 
@@ -82,7 +82,8 @@ class RowCaches:
 
     @property
     def tokens(self) -> int:
-        return sum(s.cache.length for s in list(self.held) if s.cache)  # a snapshot: /metrics reads it live
+        # /metrics reads this from another thread: each cache is read once, as a sequence may end meanwhile
+        return sum(c.length for c in [s.cache for s in list(self.held)] if c is not None)
 
     blocks_in_use = blocks = 0
 
@@ -231,7 +232,7 @@ class PagedCache:
         for pools in (self.keys, self.values):
             for i in range(self.config.n_layer):
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if pools and i < len(pools):
+                if i < len(pools):
                     new[: pools[i].size(0)] = pools[i]
                     pools[i] = new
                 else:
