@@ -6,6 +6,7 @@
     python scripts/benchmark.py --json                                  # machine-readable
     python scripts/benchmark.py --only examples,prepare                 # prompt/completion data only
     python scripts/benchmark.py --only profile,compiled                 # where a step's and a token's time goes
+    python scripts/benchmark.py --only quantize                         # int8 decoding: speed and accuracy
 
 Figures: LoRA training tokens/s and peak memory (float32; bfloat16 mode vs PEFT under bf16
 autocast), batch-1 decoding tokens/s, start-up to first logits, and the machine's own matmul
@@ -39,12 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the script's folder is on sys.path; each worker runs in its own process (see `spawn`)
 import benchmark_compiled as compiled, benchmark_machine as machine, benchmark_profile as prof  # noqa: E402
-import benchmark_serve, benchmark_workers as w  # noqa: E402
+import benchmark_quantize, benchmark_serve, benchmark_workers as w  # noqa: E402
 
 WORKERS = {"machine": machine.worker_machine, "train": w.worker_train, "generate": w.worker_generate,
            "startup": w.worker_startup, "samples": w.worker_samples, "examples": w.worker_examples,
            "prepare": w.worker_prepare, "profile": prof.worker_profile, "decode_profile": prof.worker_decode_profile,
-           "decode_compiled": compiled.worker_decode_compiled, "serve_peft": benchmark_serve.worker_serve_peft}
+           "decode_compiled": compiled.worker_decode_compiled, "serve_peft": benchmark_serve.worker_serve_peft,
+           "quantize_speed": benchmark_quantize.worker_speed, "quantize_accuracy": benchmark_quantize.worker_accuracy}
 
 # ---------------------------------------------------------------- the parent: plan, run, report
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # what lora-gpt2's training sets itself (allocator.py)
@@ -96,7 +98,7 @@ def model_bytes(size: str, dtype: str) -> float:
 
 
 SECTIONS = ("train", "generate", "examples", "prepare", "layers", "dora", "checkpointing", "samples", "profile",
-            "compiled", "serve")
+            "compiled", "serve", "quantize")
 
 
 def run(args) -> dict:
@@ -178,6 +180,8 @@ def run(args) -> dict:
     sys.path.insert(0, str(ROOT))
     if "serve" in only:  # lora-gpt2 serve under concurrent clients over 4 adapters (benchmark_serve.py)
         results.update(benchmark_serve.run(args, spawn))
+    if "quantize" in only:  # int8 weight-only decoding: speed against float, and accuracy (benchmark_quantize.py)
+        results.update(benchmark_quantize.run(args, spawn, results["machine"]["native_bf16"]))
     flops = flops_per_token(args.size, args.block_size)
     m = results["machine"]
     derived = results["derived"] = {"flops_per_token": flops}
@@ -266,7 +270,7 @@ def table(results: dict) -> str:
                      f"{every['tokens_per_s']:,.0f} tokens/s ({last['tokens_per_s'] / every['tokens_per_s']:.2f}×), "
                      f"peak memory {last['peak_mb']:,.0f} vs {every['peak_mb']:,.0f} MB")
     lines += _checkpointing_lines(results) + _samples_lines(results) + _profile_lines(results) + \
-        benchmark_serve.lines(results)
+        benchmark_serve.lines(results) + benchmark_quantize.lines(results)
     return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ def _static_step(model, copies: dict, positions: int):
     def product(module) -> tuple:
         if module not in copies:
             raise SystemExit("the compiled step needs every linear blocked (a CPU session)")
-        _PACKED[len(_PACKED)] = copies[module].blocked
+        _PACKED[len(_PACKED)] = copies[module].packed
         return len(_PACKED) - 1, module.bias, module.out_features
 
     blocks = [(b.attn_norm, product(b.attn.qkv_projection), product(b.attn.output_projection), b.ffn_norm,

@@ -131,7 +131,7 @@ def _decode_parts(session, rounds: int = 5, reps: int = 10) -> dict:
 
     def products() -> None:
         for c, x in zip(copies, inputs):
-            blocked_linear(x, c.blocked, c.module.bias)
+            blocked_linear(x, c.packed, c.module.bias)
 
     got: dict[str, list[float]] = {"step_ms": [], "products_ms": [], "bandwidth_gbs": []}
     with torch.inference_mode():

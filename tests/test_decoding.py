@@ -162,7 +162,7 @@ def test_decoding_folds_each_update_into_its_blocked_copy_and_notices_changes(ad
     with torch.inference_mode():
         plain, plain_layer = adapted(ids), layer(x)
         layout.install()
-        blocked = layout.copies[layer].blocked
+        blocked = layout.copies[layer].packed
         assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, blocked, layer.bias, "none", [], ""))
         torch.testing.assert_close(layer(x), plain_layer, rtol=0, atol=2e-5)
         torch.testing.assert_close(adapted(ids), plain, rtol=0, atol=2e-5)
@@ -198,7 +198,7 @@ def test_training_and_merging_never_read_a_blocked_copy(adapted):
     adapted.unmerge()
     layout.install()
     for copy in layout.copies.values():  # spoil every blocked copy: a read of one would show
-        copy.blocked = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(copy.module.weight))
+        copy.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(copy.module.weight))
     loss = adapted(ids, targets=ids)  # with gradients: F.linear on the real weights
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()

@@ -322,8 +322,8 @@ def fast_parameters(model: nn.Module) -> set[int]:
 
 def head_terms(module: nn.Module) -> LowRankTerms | None:
     """The fused loss's view of an output layer: its terms, or None to call its forward."""
-    if module._forward_hooks:  # something added to its output (the adapter bank's rows): call it
-        return None
+    if module._forward_hooks or "forward" in vars(module):
+        return None  # something adds to its output (a bank's rows) or replaces it (an int8 copy): call it
     if isinstance(module, AdapterLayer):
         return module.low_rank_terms()
     if isinstance(module, FrozenLinear):

@@ -15,7 +15,7 @@ import typer
 
 from .app import app
 from .output import say
-from .use_cmd import DTYPE_HELP, _load
+from .use_cmd import DTYPE_HELP, QUANTIZE_HELP, _load, check_quantize
 
 Opt = typer.Option
 COMMANDS = "/reset starts over, /system TEXT sets the system message, Ctrl-D leaves"
@@ -89,6 +89,7 @@ def chat_cmd(
                                            "to all of stdin: text, or a JSON {\"messages\": [...]}."),
     dtype: str = Opt("auto", help=DTYPE_HELP),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
+    quantize: str = Opt("none", help=QUANTIZE_HELP),
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
     """Talk with base + adapter: replies streamed, history kept (/reset, /system TEXT, Ctrl-D)."""
@@ -104,9 +105,10 @@ def chat_cmd(
                          stop_token=tokenizer.EOT_ID)
     interactive = sys.stdin.isatty() if interactive is None else interactive
     given = None if interactive else _one_shot(_read_stdin())
+    check_quantize(quantize)
     net, info = _load(adapter, model, dtype, device, force)
     template = info.chat_template if info else ChatTemplate()
-    session = GenerationSession(net)
+    session = GenerationSession(net, quantize=quantize)
     talk = Conversation(template, net.config.n_positions, max_new_tokens, system)
 
     def reply(ids: list[int], turn: int) -> str:

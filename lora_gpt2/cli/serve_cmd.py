@@ -14,6 +14,7 @@ import typer
 from ..runs import CHECKPOINTS
 from .app import app
 from .output import say
+from .use_cmd import check_quantize
 
 Opt = typer.Option
 SERVE_HINT = "pip install 'lora-gpt2[serve]'"
@@ -60,6 +61,8 @@ def serve_cmd(
                                                     "call per layer; rows: a cache per request, reserved for all "
                                                     "its tokens, attended to one request at a time."),
     dtype: str = Opt("auto", help="auto, float32, bfloat16, float16 (CUDA)."),
+    quantize: str = Opt("none", help="The base model's linear weights as none (float) or int8 (weight-only, a "
+                                     "scale per output channel); adapters stay float, applied per row."),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
     force: bool = Opt(False, "--force", help="Serve adapters even if their base model's fingerprint differs."),
     grace: float = Opt(30.0, min=0.0, help="On SIGTERM or Ctrl-C, seconds in-flight requests may take to finish."),
@@ -75,16 +78,19 @@ def serve_cmd(
     if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "prometheus_client")):
         raise ValueError(f"serve needs FastAPI, uvicorn and prometheus_client: {SERVE_HINT}")
     from ..inference.kv import LAYOUTS
+    from ..serve.app import ServeSettings
 
     if kv_cache not in LAYOUTS:
         raise ValueError(f"--kv-cache must be one of {', '.join(LAYOUTS)}, got {kv_cache!r}")
+    check_quantize(quantize)
     named = _named(adapter or [], adapters)
     watched = _watched(watch or [], watch_which, named)
     with _bind(host, port) as sock:  # before loading anything: a taken port is known at once
-        bank, base_name, read = _load(model, named, dtype, device, watched)
+        bank, base_name, read, weights = _load(model, named, dtype, device, watched, quantize)
         engine = _engine(bank, base_name, read, max_batch, force, kv_cache)
         watches = _start_watches(engine, watched, watch_which)
-        _run(engine, base_name, sock, api_key, max_batch, grace, allow_runtime_adapters, watches)
+        settings = ServeSettings(base_name, api_key, allow_runtime_adapters=allow_runtime_adapters, weights=weights)
+        _run(engine, settings, sock, max_batch, grace, watches)
 
 
 def _watched(specs: list[str], which: str, named: dict[str, str]) -> dict[str, Path]:
@@ -102,7 +108,8 @@ def _watched(specs: list[str], which: str, named: dict[str, str]) -> dict[str, P
     return watched
 
 
-def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, watched: dict[str, Path]):
+def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, watched: dict[str, Path],
+          quantize: str = "none"):
     """The base model in its decode-time layout in an (empty) bank, and every named adapter read."""
     from ..checkpoints.reading import read_adapter
     from ..inference.bank import AdapterBank
@@ -118,10 +125,11 @@ def _load(model: Optional[str], named: dict[str, str], dtype: str, device: str, 
                          "that names its base)")
     device_ = pick_device(device)
     net = load_pretrained(base, lora=LoRAConfig(targets=()), dtype=resolve_dtype(dtype, device_), device=device_)
-    DecodeLayout(net.eval()).install()  # for the server's lifetime: the process ends with it
+    layout = DecodeLayout(net.eval(), quantize)
+    layout.install()  # for the server's lifetime: the process ends with it
     bank = AdapterBank(net)
     base_name = Path(base).name if Path(base).exists() else base
-    return bank, base_name, read
+    return bank, base_name, read, layout.describe()
 
 
 def _watched_base(watched: dict[str, Path]) -> str:
@@ -165,17 +173,15 @@ def _engine(bank, base_name: str, read: dict, max_batch: int, force: bool, kv_ca
     return engine
 
 
-def _run(engine, base_name: str, sock: socket.socket, api_key: str | None, max_batch: int, grace: float,
-         runtime_adapters: bool, watches: list) -> None:
+def _run(engine, settings, sock: socket.socket, max_batch: int, grace: float, watches: list) -> None:
     import threading
 
     import uvicorn
 
-    from ..serve.app import ServeSettings, create_app
+    from ..serve.app import create_app
     from ..serve.protocol import server_config
 
     host, port = sock.getsockname()[:2]
-    settings = ServeSettings(base_name, api_key, allow_runtime_adapters=runtime_adapters)
     server = uvicorn.Server(server_config(create_app(engine, settings), host, port, settings.body_timeout_s))
     failed: list[BaseException] = []
 
@@ -217,8 +223,9 @@ def _run(engine, base_name: str, sock: socket.socket, api_key: str | None, max_b
             time.sleep(0.02)
         if server.started:
             served = ", ".join(engine.adapters.current) or "no adapters"
-            say(f"serving {base_name} + {served} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops, after "
-                f"in-flight requests finish, up to {grace:g} s)")
+            weights = "" if settings.weights["format"] == "none" else f", weights {settings.weights['format']}"
+            say(f"serving {settings.base_name} + {served}{weights} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM "
+                f"stops, after in-flight requests finish, up to {grace:g} s)")
             engine.run()
         if not forced.is_set():
             thread.join()

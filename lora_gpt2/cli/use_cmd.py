@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -16,6 +17,15 @@ from .output import say
 
 Opt = typer.Option
 DTYPE_HELP = "Frozen weights: auto, float32, bfloat16, float16 (CUDA)."
+QUANTIZE_HELP = ("Decode with the linear weights as none (float) or int8 (weight-only, a scale per output "
+                 "channel, the adapter folded in first; the README's int8 section has its speed and accuracy).")
+
+
+def check_quantize(name: str) -> None:
+    """A wrong --quantize is named before the model loads."""
+    from ..inference.layouts import weight_format
+
+    weight_format(name)
 EXAMPLE_KINDS = ("prompt/completion", "examples")
 
 
@@ -83,6 +93,7 @@ def generate_cmd(
                                            "examples, JSONL or CSV, which end with it; off otherwise)."),
     dtype: str = Opt("auto", help=DTYPE_HELP),
     device: str = Opt("auto", help="auto, cpu, cuda or mps."),
+    quantize: str = Opt("none", help=QUANTIZE_HELP),
     json_out: bool = Opt(False, "--json", help="One JSON object per sample instead of streamed text."),
     chat: bool = Opt(False, "--chat", help="Answer the prompt as a user's message, rendered by the adapter's chat "
                                            "template; a sample ends with the assistant's turn."),
@@ -101,6 +112,7 @@ def generate_cmd(
     if system is not None and not chat:
         raise ValueError("--system is for --chat")
     text = _read_prompt(prompt, prompt_file)
+    check_quantize(quantize)
     net, info = _load(adapter, model, dtype, device, force)
     if stops_at_eot(stop_at_eot, info) or (chat and stop_at_eot is None):
         cfg = dataclasses.replace(cfg, stop_token=tokenizer.EOT_ID)
@@ -110,7 +122,7 @@ def generate_cmd(
 
         messages = [{"role": "system", "content": system}] if system is not None else []
         ids = (info.chat_template if info else ChatTemplate()).prompt(messages + [{"role": "user", "content": text}])
-    session = GenerationSession(net)
+    session = GenerationSession(net, quantize=quantize)
     total_tokens, start = 0, time.perf_counter()
     streams = session.stream_samples(ids, cfg, [seed + i for i in range(num_samples)], batch_size)
     for index, stream in enumerate(streams):
@@ -147,6 +159,8 @@ def eval_cmd(
     text_column: Optional[str] = Opt(None, help="CSV: the column of texts (default: the run's, or 'text')."),
     prompt_column: Optional[str] = Opt(None, help="CSV: the prompt column (default: the run's, or 'prompt')."),
     completion_column: Optional[str] = Opt(None, help="CSV: the completion column (default: 'completion')."),
+    quantize: str = Opt("none", help="Evaluate each model with its linear weights as generate --quantize decodes "
+                                     "them: none or int8."),
     json_out: bool = Opt(False, "--json", help="Print one JSON object (a loss that is not finite is null)."),
     force: bool = Opt(False, "--force", help="Use the adapter even if the base model's fingerprint differs."),
 ) -> None:
@@ -154,13 +168,17 @@ def eval_cmd(
     from ..training.evaluation import check_given, compare, resolve_settings
 
     check_given(data=data, block_size=block_size, batch_size=batch_size, eval_batches=eval_batches)
+    check_quantize(quantize)
     net, info = _load(adapter, model, dtype, device, force)
     settings = resolve_settings(info.eval_settings if info else {}, net.config.n_positions, data=data,
                                 block_size=block_size, batch_size=batch_size, eval_batches=eval_batches,
                                 mask_prompt=mask_prompt, train_on=train_on, text_column=text_column,
                                 prompt_column=prompt_column, completion_column=completion_column,
                                 chat_template=_trained_text(info))
-    report = compare(net, settings, with_adapter=info is not None).to_dict()
+    from ..inference.layouts import DecodeLayout
+
+    within = (lambda: DecodeLayout(net, quantize)) if quantize != "none" else contextlib.nullcontext
+    report = compare(net, settings, with_adapter=info is not None, within=within).to_dict()
     if json_out:
         print(json.dumps(report, allow_nan=False))
         return

@@ -69,13 +69,14 @@ class _Fanout:
 class GenerationSession:
     """A loaded model that completes text prompts: load once, then stream as many completions as asked."""
 
-    def __init__(self, model: GPT2, blocked: bool = True) -> None:
+    def __init__(self, model: GPT2, blocked: bool = True, quantize: str = "none") -> None:
         """`blocked`: install the decode-time weight layout (layouts.py) until `close`, which makes
-        decoding a few rows 2-4x faster on CPUs at the cost of a copy of the weights."""
+        decoding a few rows 2-4x faster on CPUs at the cost of a copy of the weights; `quantize`
+        names the copy's format ("int8": quantize.py)."""
         self.model = model
         self.device = model.token_embedding.weight.device
-        self.layout = DecodeLayout(model)
-        if blocked:
+        self.layout = DecodeLayout(model, quantize)
+        if blocked or quantize != "none":
             self.layout.install()
 
     def close(self) -> None:

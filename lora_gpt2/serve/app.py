@@ -43,6 +43,7 @@ class ServeSettings:
     api_key: str | None = None
     body_timeout_s: float = 30.0  # a body trickled slower than this is refused (408): a slow client's slot frees
     allow_runtime_adapters: bool = False  # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    weights: dict | None = None  # the base model's decode-time copies (DecodeLayout.describe)
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -99,7 +100,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         current = engine.adapters.current
         return {"status": "ok", "active_requests": engine.active, "adapters": len(current),
                 "adapter_bytes": engine.bank.nbytes, "kv_cache": engine.kv.describe(), "served": {n: s.describe() for n, s in current.items()},
-                "watched": engine.adapters.watching, "runtime_adapters": settings.allow_runtime_adapters}
+                "watched": engine.adapters.watching, "runtime_adapters": settings.allow_runtime_adapters,
+                "weights": settings.weights}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -119,15 +120,24 @@ def _loss_entry(loss: float) -> dict[str, Any]:
     return {"loss": None, "perplexity": None, "reason": f"the loss is {loss} (not finite)"}
 
 
-def compare(model: GPT2, settings: EvalSettings, with_adapter: bool) -> EvalReport:
-    """Loss of the base model (adapter disabled) and, when asked, of base + adapter, on the same windows."""
+def compare(model: GPT2, settings: EvalSettings, with_adapter: bool,
+            within: Callable[[], ContextManager] = contextlib.nullcontext) -> EvalReport:
+    """Loss of the base model (adapter disabled) and, when asked, of base + adapter, on the same
+    windows. Each loss is computed inside a fresh `within()`, entered after the adapter is
+    disabled for the base's (`eval --quantize` passes the decode-time layout: each model's own
+    int8 copies)."""
     prepared = ensure_prepared(settings.data, settings.options)
     mask = mask_prompt_for(prepared, settings.mask_prompt, settings.train_on)
     batches = eval_batches(prepared, block_size=settings.block_size, batch_size=settings.batch_size,
                            max_batches=settings.eval_batches, mask_prompt=mask)
     device = model.token_embedding.weight.device
-    adapted = mean_loss(model, batches, device) if with_adapter else None
+
+    def loss() -> float | None:
+        with within():
+            return mean_loss(model, batches, device)
+
+    adapted = loss() if with_adapter else None
     with model.lora_disabled():
-        base = mean_loss(model, batches, device)
+        base = loss()
     return EvalReport(str(prepared.val), sum(x.size(0) for x, _ in batches), settings.block_size, base, adapted,
                       sum(int((y >= 0).sum()) for _, y in batches), prepared.kind, mask)
