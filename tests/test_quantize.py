@@ -84,7 +84,7 @@ def quantised_reference(model: nn.Module, fold: bool) -> nn.Module:
         ref.merge()
     for module in ref.modules():
         if isinstance(module, FrozenLinear):  # a new tensor: a tied embedding keeps its float weight
-            module.weight = nn.Parameter(dequantized(module.weight), requires_grad=False)
+            module.weight = nn.Parameter(dequantized(module.weight).to(module.weight.dtype), requires_grad=False)
     return ref
 
 
@@ -112,6 +112,17 @@ def test_an_int8_layout_computes_the_quantised_model(adapted, fold):
     float_gap = (plain_step - expected_step).norm() / expected_step.norm()
     assert int8_error < 1e-2 and int8_error < float_gap / 2, (int8_error, float_gap)  # it is the int8 model
     assert (prefill - plain).abs().max() > 1e-3
+
+
+def test_a_bfloat16_model_stays_bfloat16_on_int8_weights(adapted):
+    model = copy.deepcopy(adapted).bfloat16()
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        expected = one_step_logits(quantised_reference(model, fold=True), ids).float()
+        with DecodeLayout(model, "int8"):
+            step = one_step_logits(model, ids)
+    assert step.dtype == torch.bfloat16
+    assert ((step.float() - expected).norm() / expected.norm()).item() < 2e-2
 
 
 def test_an_int8_layout_leaves_nothing_on_the_model(adapted):

@@ -57,7 +57,8 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> to
     flat = x.reshape(-1, x.size(-1))
     if flat.size(0) <= INT8_ROWS and flat.size(1) % KERNEL_K == 0:
         out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), w.values, w.ones).to(x.dtype)
-        out = out.mul_(w.scale) if bias is None else torch.addcmul(bias, out, w.scale)
+        scale = w.scale.to(x.dtype)  # a bf16 model's residual stream stays bf16
+        out = out.mul_(scale) if bias is None else torch.addcmul(bias, out, scale)
     else:
         out = F.linear(flat, w.dequantized(x.dtype), bias)
     return out.reshape(*x.shape[:-1], out.size(-1))
