@@ -19,6 +19,7 @@ another device, a dtype this CPU cannot block) the module keeps its own forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -64,6 +65,22 @@ def blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
 
 
+class WeightFormat(Protocol):
+    """How a decoding session keeps and multiplies one linear weight (a row of FORMATS)."""
+
+    name: str  # what --quantize calls it
+    folds: bool  # whether an adapted layer's update goes into its copy by default
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise ValueError, in one line, where this format cannot run."""
+
+    def pack(self, weight: torch.Tensor) -> object | None:
+        """The copy of a (out, in) weight, or None: the module keeps its own forward."""
+
+    def linear(self, x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x · Wᵀ + b from the copy, or None: this input takes the module's own forward."""
+
+
 class Blocked:
     """The float format: oneDNN's blocked copy, for the few rows of decoding and short prefills."""
 
@@ -88,11 +105,11 @@ class Blocked:
         return out.reshape(*x.shape[:-1], out.size(-1))
 
 
-# --quantize's choices: a new weight format is one class (check / pack / linear, as Blocked) and a row here
-FORMATS = {"none": Blocked(), "int8": quantize.Int8()}
+# --quantize's choices: a new weight format is one WeightFormat class and a row here
+FORMATS: dict[str, WeightFormat] = {"none": Blocked(), "int8": quantize.Int8()}
 
 
-def weight_format(name: str):
+def weight_format(name: str) -> WeightFormat:
     if name not in FORMATS:
         raise ValueError(f"--quantize must be one of {', '.join(FORMATS)}; got {name!r}")
     return FORMATS[name]
@@ -105,14 +122,14 @@ class _Copy:
     `update`: an adapter's low-rank terms applied beside an unfolded copy, or None."""
 
     module: FrozenLinear
-    format: object
+    format: WeightFormat
     packed: object
     tensors: tuple[torch.Tensor, ...]
     made_from: tuple
     update: LowRankTerms | None = None
 
     @classmethod
-    def of(cls, module: FrozenLinear, format, packed, update: LowRankTerms | None = None) -> "_Copy":
+    def of(cls, module: FrozenLinear, format: WeightFormat, packed, update: LowRankTerms | None = None) -> "_Copy":
         copy = cls(module, format, packed, tuple(module.parameters()), (), update)
         copy.made_from = copy.state()
         return copy
@@ -165,6 +182,7 @@ class DecodeLayout:
             module.forward = copy.forward  # an instance attribute: `remove` deletes it
             self.copies[module] = copy
         return len(self.copies)
+
     def describe(self) -> dict:
         """The copies' format, how many layers have one, and their bytes (what /health shows)."""
         def nbytes(packed) -> int:
