@@ -3,6 +3,7 @@ skipped), loss.png; and `--log tensorboard` and `--log wandb`: read back with ea
 reader, equal to metrics.jsonl; a logger that fails never stops training."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,14 @@ def test_tensorboard_keeps_one_value_per_step_across_a_resume(tiny_checkpoint, t
 
 def wandb_records(run_folder: Path):
     """The records of an offline W&B run: its .wandb file is a LevelDB-style log of protobufs
-    (a 7-byte header, then 32 KiB blocks of checksum, length, kind and data)."""
+    (a 7-byte header, then 32 KiB blocks of checksum, length, kind and data; the checksum is
+    the CRC-32 of kind and data, checked so that a misread shows instead of dropping records)."""
+    import zlib
+
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_folder.glob("run-*.wandb")
-    data, pos, block, pieces = path.read_bytes(), 7, 32768, b""
+    data, pos, block, pieces, records = path.read_bytes(), 7, 32768, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -93,12 +97,27 @@ def wandb_records(run_folder: Path):
         if left < 7 or kind == 0:  # block trailer or padding
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk = data[pos + 7:pos + 7 + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == int.from_bytes(data[pos:pos + 4], "little"), pos
+        pos += 7 + length
         pieces = chunk if kind in (1, 2) else pieces + chunk
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = pb.Record()
             record.ParseFromString(pieces)
-            yield record
+            records.append(record)
+    return records
+
+
+def finished_wandb_records(run_folder: Path, timeout: float = 60.0):
+    """The records once the run's exit record is written: W&B's service writes the file on its own
+    schedule, and `run.finish()` can return before it has (a CI run read a file without its
+    records)."""
+    deadline = time.time() + timeout
+    while True:
+        records = wandb_records(run_folder)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def test_wandb_offline_run_holds_the_config_and_the_values(tiny_checkpoint, text_data, tmp_path, monkeypatch):
@@ -113,7 +132,8 @@ def test_wandb_offline_run_holds_the_config_and_the_values(tiny_checkpoint, text
     run_id = (out / "wandb-run-id").read_text().strip()
     assert folder.name.endswith(run_id)
     history, summary, run_config, project = {}, {}, {}, None
-    for record in wandb_records(folder):
+    found = finished_wandb_records(folder)
+    for record in found:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
@@ -123,7 +143,7 @@ def test_wandb_offline_run_holds_the_config_and_the_values(tiny_checkpoint, text
         elif kind == "run":
             project = record.run.project
             run_config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-    assert project == "speeches"  # W&B's own environment decides
+    assert project == "speeches", [r.WhichOneof("record_type") for r in found]  # W&B's own environment decides
     for tag, series in expected_scalars(records(out)).items():
         assert_same_series([(step, values[tag]) for step, values in sorted(history.items()) if tag in values],
                            series, rel=1e-12)
