@@ -102,13 +102,13 @@ def worker_decode_profile(args) -> dict:
 
 def _decode_parts(session, rounds: int = 5, reps: int = 10) -> dict:
     """One decoding step (forward of one token at a 32-token cache, and its argmax) against its
-    blocked products alone (the session's decode-time layout), run back to back with the same shapes: the products are the step's
-    floor, the rest is the ops between them and Python. The copy bandwidth is measured in the same
-    rounds; each figure is the median round's. Empty where nothing is blocked (not a CPU)."""
+    products alone (the session's decode-time copies, in their format), run back to back with the
+    same shapes: the products are the step's floor, the rest is the ops between them and Python.
+    The copy bandwidth is measured in the same rounds; each figure is the median round's. Empty
+    where no weight has a copy (not a CPU)."""
     import torch
 
     from benchmark_machine import copy_bandwidth_gbs
-    from lora_gpt2.inference.layouts import blocked_linear
     from lora_gpt2.model.gpt2 import KVCache
 
     model, copies = session.model, list(session.layout.copies.values())
@@ -129,9 +129,9 @@ def _decode_parts(session, rounds: int = 5, reps: int = 10) -> dict:
         cache.length = 32
         model(token, cache, at=-1).argmax(dim=-1).tolist()
 
-    def products() -> None:
+    def products() -> None:  # through the copies' own format: blocked float, or int8 (--quantize)
         for c, x in zip(copies, inputs):
-            blocked_linear(x, c.packed, c.module.bias)
+            c.format.linear(x, c.packed, c.module.bias)
 
     got: dict[str, list[float]] = {"step_ms": [], "products_ms": [], "bandwidth_gbs": []}
     with torch.inference_mode():
@@ -142,4 +142,4 @@ def _decode_parts(session, rounds: int = 5, reps: int = 10) -> dict:
             got["bandwidth_gbs"].append(copy_bandwidth_gbs("cpu", repeats=3))
     median = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
     return {**{f"parts_{k}": v for k, v in median.items()}, "parts_products": len(layers),
-            "parts_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers)}
+            "parts_weight_bytes": session.layout.describe()["bytes"]}

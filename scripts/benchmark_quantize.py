@@ -61,6 +61,9 @@ def worker_speed(args) -> dict:
         return len(stream.tokens)
 
     got = _rounds_with_bandwidth(go, args.new_tokens, args.device)
+    from benchmark_profile import _decode_parts  # one step against its products alone, as --only profile
+
+    got.update(_decode_parts(session))
     return {**got, "copies_mb": session.layout.describe()["bytes"] / 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -147,11 +150,19 @@ def lines(results: dict) -> list[str]:
     if speeds:
         fp32 = speeds["float32_none"]["tokens_per_s"]
         out += ["", "int8 weight-only decoding (`--quantize int8`), batch 1, greedy, median of the rounds:", "",
-                "| weights | tokens/s | vs float32 | copies MB | peak RSS MB | rounds |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+                "| weights | tokens/s | vs float32 | copies MB | peak RSS MB | rounds |",
+                "| --- | ---: | ---: | ---: | ---: | --- |"]
         for key, got in speeds.items():
             out.append(f"| {key.replace('_none', '').replace('float32_int8', 'int8 (a float32 model)')} | "
                        f"{got['tokens_per_s']:.1f} | {got['tokens_per_s'] / fp32:.2f}× | {got['copies_mb']:,.0f} | "
                        f"{got['peak_rss_mb']:,.0f} | {', '.join(f'{r:.1f}' for r in got['all_rounds'])} |")
+        for key, got in speeds.items():
+            if "parts_step_ms" in got:
+                step, alone = got["parts_step_ms"], got["parts_products_ms"]
+                read = got["parts_weight_bytes"]
+                out.append(f"{key}: one decoding step {step:.1f} ms, its {got['parts_products']} products alone "
+                           f"{alone:.1f} ms ({100 * alone / step:.0f}%), reading {read / 1e6:,.0f} MB at "
+                           f"{read / alone / 1e6:.1f} GB/s; the ops between {step - alone:.1f} ms")
     acc = results.get("quant_accuracy")
     if acc:
         out += ["", f"int8 accuracy (Tiny Shakespeare val, {acc['windows']} windows of 256; greedy over "
