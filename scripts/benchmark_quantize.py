@@ -88,6 +88,7 @@ def worker_accuracy(args) -> dict:
     from lora_gpt2.inference.layouts import DecodeLayout
     from lora_gpt2.inference.sampling import SamplingConfig
     from lora_gpt2.inference.session import generate
+    from lora_gpt2.model.gpt2 import KVCache
 
     val = np.fromfile(Path(args.data) / "val.bin", dtype=np.uint16).astype(np.int64)
     step = (len(val) - 257) // QUANT_WINDOWS
@@ -112,7 +113,6 @@ def worker_accuracy(args) -> dict:
         ids = torch.tensor([prompt + reference[:-1]])
         with torch.inference_mode():  # teacher-forced on the float text, one step at a time as decoding
             picks = []
-            from lora_gpt2.model.gpt2 import KVCache
             cache = KVCache.empty(model.config, 1, model.frozen_dtype(), "cpu", ids.size(1))
             picks.append(model(ids[:, :len(prompt)], cache, at=-1).argmax(-1).item())
             for t in range(len(prompt), ids.size(1)):

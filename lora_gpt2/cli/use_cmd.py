@@ -19,6 +19,7 @@ Opt = typer.Option
 DTYPE_HELP = "Frozen weights: auto, float32, bfloat16, float16 (CUDA)."
 QUANTIZE_HELP = ("Decode with the linear weights as none (float) or int8 (weight-only, a scale per output "
                  "channel, the adapter folded in first; the README's int8 section has its speed and accuracy).")
+EXAMPLE_KINDS = ("prompt/completion", "examples")
 
 
 def check_quantize(name: str) -> None:
@@ -26,7 +27,6 @@ def check_quantize(name: str) -> None:
     from ..inference.layouts import weight_format
 
     weight_format(name)
-EXAMPLE_KINDS = ("prompt/completion", "examples")
 
 
 def _load(adapter: Optional[str], model: Optional[str], dtype: str, device: str, force: bool):
