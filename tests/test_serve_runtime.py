@@ -2,6 +2,7 @@
 requests keep, and Prometheus' /metrics read back with Prometheus' own parser."""
 
 import json
+import queue
 import shutil
 import threading
 
@@ -145,6 +146,37 @@ def test_a_stream_finishes_on_the_version_it_started_with(runtime, world):
     assert out["text"] == greedy_text(singles, "poems", "Once upon", 150)
     engine.call(lambda: None).result(30)  # a step later, the retired versions are freed
     assert engine.bank.loaded == [] and engine.adapters.retired == []
+
+
+def test_a_requests_choices_all_decode_with_one_version(world):
+    """A change landing while a request's choices are queued (a watcher's thread calls the engine
+    at any time: here, right after the request's first inbox item) gives every choice the same
+    version, the one its system_fingerprint names; the next request sees the new one."""
+    base, adapters, singles = world
+    engine = base_engine(base)
+    engine.adapters.add("v", read_adapter(adapters / "poems"))
+    plays, changed = read_adapter(adapters / "plays"), []
+
+    class ChangeAfterTheFirstSubmit(queue.SimpleQueue):
+        def put(self, item, block=True, timeout=None):
+            super().put(item)
+            if item[0] == "submit" and not changed:
+                changed.append(engine.call(lambda: engine.adapters.add("v", plays, replace_existing=True)))
+
+    engine._inbox = ChangeAfterTheFirstSubmit()
+    engine.start()
+    try:
+        with running_server(engine) as url:
+            r = post(url, "/v1/completions", {"model": "v", "prompt": "The quick brown", "max_tokens": 12,
+                                              "temperature": 0, "n": 3}).json()
+            changed[0].result(30)
+            after = complete(url, "v").json()
+    finally:
+        engine.stop()
+    poems = greedy_text(singles, "poems", "The quick brown", 12)
+    assert [c["text"] for c in r["choices"]] == [poems] * 3 and r["system_fingerprint"] == "v@step-1"
+    assert after["choices"][0]["text"] == greedy_text(singles, "plays", "The quick brown", 12)
+    assert after["system_fingerprint"] == "v@step-1"  # plays' checkpoint is also step 1: the text tells them apart
 
 
 def test_200_load_unload_cycles_leave_memory_flat(runtime, world):

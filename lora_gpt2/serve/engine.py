@@ -64,9 +64,11 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> Job:
-        self._inbox.put(("submit", job))
-        return job
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs that join together: one request's choices. They are one item of the inbox,
+        so an adapter change (`call`, which a watcher's thread makes at any time) lands before or
+        after all of them, and every choice decodes with the same version."""
+        self._inbox.put(("submit", jobs))
 
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
@@ -145,13 +147,17 @@ class Engine:
         while True:
             kind, job = item
             if kind == "submit":
-                try:
-                    job.served = self.adapters.resolve(job.adapter)
-                    key = job.served.key if job.served else None
-                    job.sequence = self.decoder.submit(job.prompt, key, job.cfg, job.seed, job.logprobs)
-                    self._jobs[job.sequence] = job
-                except ValueError as exc:
-                    self._deliver(job, "error", str(exc))
+                versions: dict = {}  # adapter name -> the version this item's jobs get
+                for one in job:
+                    try:
+                        if one.adapter not in versions:
+                            versions[one.adapter] = self.adapters.resolve(one.adapter)
+                        one.served = versions[one.adapter]
+                        key = one.served.key if one.served else None
+                        one.sequence = self.decoder.submit(one.prompt, key, one.cfg, one.seed, one.logprobs)
+                        self._jobs[one.sequence] = one
+                    except ValueError as exc:
+                        self._deliver(one, "error", str(exc))
             elif kind == "call":
                 fn, future = job
                 if future.set_running_or_notify_cancel():

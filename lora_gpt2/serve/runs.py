@@ -49,8 +49,7 @@ class CompletionRun:
                 self.texts.append(TextDecoder(c.stop))
         self.tokens = [0] * len(self.jobs)
         self.logprobs = [self.logprobs_kind() for _ in self.jobs]
-        for job in self.jobs:
-            engine.submit(job)
+        engine.submit(*self.jobs)
 
     async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice, new text, finish_reason once it ends), until every choice has ended."""
