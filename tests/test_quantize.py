@@ -34,7 +34,9 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
     return q * s[:, None]
 
 
-def test_int8_weights_are_each_rows_127_levels_of_its_largest_value():
+@pytest.mark.parametrize("chunk", [quantize.QUANTIZE_ROWS, 7])  # one slice, and six of 7 rows and one of 5
+def test_int8_weights_are_each_rows_127_levels_of_its_largest_value(chunk, monkeypatch):
+    monkeypatch.setattr(quantize, "QUANTIZE_ROWS", chunk)
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
     w[3] = 0
     w[5, 7] = -9.0  # an outlier sets its row's scale alone

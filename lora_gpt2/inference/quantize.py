@@ -26,6 +26,9 @@ INT8_ROWS = 48
 # width of 5 or 33 gave wrong sums or a crash, every multiple of 16 the exact ones. GPT-2's widths
 # all are; another width is dequantized instead, so its layer is still int8, only slower.
 KERNEL_K = 16
+# Rows quantised at a time: the float temporaries of a whole weight would be three times its size
+# (about 460 MB at once for GPT-2 small's 154 MB lm_head), those of 1024 rows are a few MB.
+QUANTIZE_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ class Int8Weight:
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> "Int8Weight":
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: Q = 0
-        values = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.size(0), dtype=torch.float32, device=weight.device)
+        for first in range(0, weight.size(0), QUANTIZE_ROWS):  # float temporaries of a slice only
+            rows = slice(first, first + QUANTIZE_ROWS)
+            w = weight[rows].detach().float()
+            s = w.abs().amax(dim=1) / 127
+            s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: Q = 0
+            values[rows], scale[rows] = torch.round(w / s[:, None]).clamp_(-127, 127), s
         return cls(values, scale, torch.ones_like(scale, dtype=torch.bfloat16))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
