@@ -60,12 +60,25 @@ def worker_speed(args) -> dict:
         "".join(stream)
         return len(stream.tokens)
 
-    got = _rounds_with_bandwidth(go, args.new_tokens, args.device)
+    go(args.new_tokens)  # what `generate` holds at most: loading, the copies and one whole decode
+    memory = {**_resident(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    got = _rounds_with_bandwidth(go, args.new_tokens, args.device)  # before the bandwidth probe's 512 MB
     from benchmark_profile import _decode_parts  # one step against its products alone, as --only profile
 
     got.update(_decode_parts(session))
-    return {**got, "copies_mb": session.layout.describe()["bytes"] / 1e6,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**got, **memory, "copies_mb": session.layout.describe()["bytes"] / 1e6}
+
+
+def _resident() -> dict:
+    """What the process holds now, split as Linux counts it: anonymous memory (its own
+    allocations: the decode-time copies, caches, activations) and file pages (the checkpoint's
+    memory map, clean pages the kernel can drop and read again, so a smaller machine still fits)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("RssAnon", "RssFile"))}
+    return {"anon_mb": kib.get("RssAnon", 0) / 1024, "file_mb": kib.get("RssFile", 0) / 1024}
 
 
 def _train_adapter(args, out: Path) -> None:
@@ -149,13 +162,16 @@ def lines(results: dict) -> list[str]:
     speeds = {k[len("quant_speed_"):]: v for k, v in results.items() if k.startswith("quant_speed_")}
     if speeds:
         fp32 = speeds["float32_none"]["tokens_per_s"]
-        out += ["", "int8 weight-only decoding (`--quantize int8`), batch 1, greedy, median of the rounds:", "",
-                "| weights | tokens/s | vs float32 | copies MB | peak RSS MB | rounds |",
-                "| --- | ---: | ---: | ---: | ---: | --- |"]
+        out += ["", "int8 weight-only decoding (`--quantize int8`), batch 1, greedy, median of the rounds; memory "
+                "after loading, making the copies and one decode, before the bandwidth probes (resident: the "
+                "process's own memory / the checkpoint's memory-mapped pages, which the kernel can drop):", "",
+                "| weights | tokens/s | vs float32 | copies MB | peak RSS MB | resident anonymous / file MB | rounds |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for key, got in speeds.items():
             out.append(f"| {key.replace('_none', '').replace('float32_int8', 'int8 (a float32 model)')} | "
                        f"{got['tokens_per_s']:.1f} | {got['tokens_per_s'] / fp32:.2f}× | {got['copies_mb']:,.0f} | "
-                       f"{got['peak_rss_mb']:,.0f} | {', '.join(f'{r:.1f}' for r in got['all_rounds'])} |")
+                       f"{got['peak_rss_mb']:,.0f} | {got.get('anon_mb', 0):,.0f} / {got.get('file_mb', 0):,.0f} | "
+                       f"{', '.join(f'{r:.1f}' for r in got['all_rounds'])} |")
         for key, got in speeds.items():
             if "parts_step_ms" in got:
                 step, alone = got["parts_step_ms"], got["parts_products_ms"]
