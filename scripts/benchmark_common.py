@@ -1,9 +1,10 @@
-"""What every benchmark worker shares: device sync, timing, peak memory, dtype names and the
+"""What every benchmark worker shares: device sync, timing, peak and resident memory, dtype names and the
 lora-gpt2 decoding session. Imports no other benchmark module, so none of them import in a circle."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 def sync(device: str) -> None:
@@ -24,14 +25,27 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def session(args):
+def resident_mb(pid: int | str = "self") -> dict:
+    """A process's resident memory now, as Linux counts it: all of it (rss), its own allocations
+    (anon) and mapped file pages (file: a checkpoint's memory map, which the kernel can drop and
+    read again). Empty where /proc is not there."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    return {fields[k]: int(v.split()[0]) / 1024 for k, _, v in (line.partition(":") for line in status)
+            if k in fields}
+
+
+def session(args, quantize: str = "none"):
     """lora-gpt2's side of the decoding figures: a session, as `generate` uses (the frozen weights
-    get their decode-time layout), over GPT-2 with a LoRA on qkv_projection."""
+    get their decode-time copies, in `quantize`'s format), over GPT-2 with a LoRA on qkv_projection."""
     from lora_gpt2 import load_pretrained
     from lora_gpt2.inference.session import GenerationSession
 
     return GenerationSession(load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank,
-                                             device=args.device, dtype=dtype(args.dtype)).eval())
+                                             device=args.device, dtype=dtype(args.dtype)).eval(), quantize=quantize)
 
 
 def timed(run, tokens: int, device: str) -> dict:

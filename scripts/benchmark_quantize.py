@@ -41,19 +41,13 @@ def run(args, spawn, native_bf16: bool) -> dict:
 
 def worker_speed(args) -> dict:
     """Batch-1 greedy tokens/s of a session whose weights are in format `--variant`."""
-    import resource
-
+    from benchmark_common import peak_memory_mb, resident_mb, session as make_session
+    from benchmark_profile import _decode_parts  # one step against its products alone, as --only profile
     from benchmark_workers import _batches, _rounds_with_bandwidth
-    from lora_gpt2 import load_pretrained
     from lora_gpt2.inference.sampling import SamplingConfig
-    from lora_gpt2.inference.session import GenerationSession
-    from benchmark_common import dtype
 
-    _, prompt = _batches(args)
-    prompt = prompt.tolist()
-    net = load_pretrained(args.checkpoint, targets=("qkv_projection",), r=args.rank, device=args.device,
-                          dtype=dtype(args.dtype)).eval()
-    session = GenerationSession(net, quantize=args.variant)
+    prompt = _batches(args)[1].tolist()
+    session = make_session(args, quantize=args.variant)
 
     def go(k: int) -> int:
         stream = session.stream(prompt, SamplingConfig(max_new_tokens=k, temperature=0))
@@ -61,24 +55,12 @@ def worker_speed(args) -> dict:
         return len(stream.tokens)
 
     go(args.new_tokens)  # what `generate` holds at most: loading, the copies and one whole decode
-    memory = {**_resident(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    got = _rounds_with_bandwidth(go, args.new_tokens, args.device)  # before the bandwidth probe's 512 MB
-    from benchmark_profile import _decode_parts  # one step against its products alone, as --only profile
-
+    resident = resident_mb()
+    memory = {"anon_mb": resident.get("anon", 0), "file_mb": resident.get("file", 0),
+              "peak_rss_mb": peak_memory_mb(args.device)}
+    got = _rounds_with_bandwidth(go, args.new_tokens, args.device)  # after: the bandwidth probe takes 512 MB
     got.update(_decode_parts(session))
     return {**got, **memory, "copies_mb": session.layout.describe()["bytes"] / 1e6}
-
-
-def _resident() -> dict:
-    """What the process holds now, split as Linux counts it: anonymous memory (its own
-    allocations: the decode-time copies, caches, activations) and file pages (the checkpoint's
-    memory map, clean pages the kernel can drop and read again, so a smaller machine still fits)."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("RssAnon", "RssFile"))}
-    return {"anon_mb": kib.get("RssAnon", 0) / 1024, "file_mb": kib.get("RssFile", 0) / 1024}
 
 
 def _train_adapter(args, out: Path) -> None:

@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmark_common import resident_mb  # the scripts folder is on sys.path
+
 ADAPTERS = 4
 MANY = 32  # adapters in the memory measurement: their cost must stand out of RSS noise
 REQUESTS = 16
@@ -95,8 +97,7 @@ class Server:
         raise SystemExit("lora-gpt2 serve did not answer within 300 s")
 
     def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+        return resident_mb(self.proc.pid)["rss"]
 
     def stop(self) -> None:
         self.proc.terminate()

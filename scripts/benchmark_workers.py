@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark_common import dtype, measure, peak_memory_mb, session as make_session, sync, timed  # the scripts folder is on sys.path
+# the scripts folder is on sys.path
+from benchmark_common import dtype, measure, peak_memory_mb, resident_mb, session as make_session, sync, timed
 from benchmark_machine import copy_bandwidth_gbs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,5 +290,4 @@ def worker_startup(args) -> dict:
         with torch.inference_mode():
             model(ids).logits
     ready = time.time()
-    rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-    return {"seconds": ready - args.spawned_at, "rss_mb": rss}
+    return {"seconds": ready - args.spawned_at, "rss_mb": resident_mb()["rss"]}

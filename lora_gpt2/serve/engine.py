@@ -146,13 +146,10 @@ class Engine:
             return
         while True:
             kind, job = item
-            if kind == "submit":
-                versions: dict = {}  # adapter name -> the version this item's jobs get
+            if kind == "submit":  # one item: no change to the set can land between its jobs
                 for one in job:
                     try:
-                        if one.adapter not in versions:
-                            versions[one.adapter] = self.adapters.resolve(one.adapter)
-                        one.served = versions[one.adapter]
+                        one.served = self.adapters.resolve(one.adapter)
                         key = one.served.key if one.served else None
                         one.sequence = self.decoder.submit(one.prompt, key, one.cfg, one.seed, one.logprobs)
                         self._jobs[one.sequence] = one
